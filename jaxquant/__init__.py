@@ -1,0 +1,54 @@
+"""jaxquant: post-training quantization of large language models in JAX/Pallas.
+
+The public API::
+
+    model = jaxquant.load_model("smollm2-135m")          # or HF dir / .gguf / checkpoint
+    logits = jaxquant.forward(model.params, model.config, tokens)
+    result = jaxquant.evaluate_perplexity(model.params, model.config, windows)
+    jaxquant.save_checkpoint("out", config=model.config, params=model.params,
+                             tokenizer=model.tokenizer)
+"""
+
+from jaxquant.checkpoints.jq_checkpoint import load_checkpoint, save_checkpoint
+from jaxquant.checkpoints.load import Model, load_model
+from jaxquant.data import load_text, make_windows, sample_windows, tokenize
+from jaxquant.errors import CheckpointError, ConfigError, DataError, JaxquantError
+from jaxquant.eval import PerplexityResult, evaluate_perplexity
+from jaxquant.models import (
+    CausalLM,
+    ModelConfig,
+    decode_step,
+    forward,
+    from_hf_config,
+    init_cache,
+    init_params,
+)
+from jaxquant.ops import linear, register_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalLM",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "JaxquantError",
+    "Model",
+    "ModelConfig",
+    "PerplexityResult",
+    "decode_step",
+    "evaluate_perplexity",
+    "forward",
+    "from_hf_config",
+    "init_cache",
+    "init_params",
+    "linear",
+    "load_checkpoint",
+    "load_model",
+    "load_text",
+    "make_windows",
+    "register_linear",
+    "sample_windows",
+    "save_checkpoint",
+    "tokenize",
+]

@@ -1,0 +1,1 @@
+"""Checkpoint readers (Hugging Face, GGUF), conversion, and jaxquant (Orbax) checkpoints."""

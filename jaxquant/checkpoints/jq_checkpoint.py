@@ -1,0 +1,130 @@
+"""jaxquant checkpoints: Orbax-saved params + model config + tokenizer, written atomically.
+
+Layout of a checkpoint directory::
+
+    DIR/jaxquant.json   format marker, version, model config, dtype, source
+    DIR/tokenizer.json  the tokenizer (if the model has one)
+    DIR/params/         Orbax (``StandardCheckpointer``) tree of the parameters
+
+The directory is first written under a temporary name beside ``DIR`` and renamed
+into place, so an interrupted write never leaves a half checkpoint, and an existing
+``DIR`` is replaced only with ``force`` and only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxquant.errors import CheckpointError, OutputExistsError
+from jaxquant.models.config import ModelConfig
+
+MARKER = "jaxquant.json"
+FORMAT = "jaxquant-checkpoint"
+VERSION = 1
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True if ``path`` is a jaxquant checkpoint directory."""
+    return (Path(path) / MARKER).is_file()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, *, force: bool) -> Iterator[Path]:
+    """Yields a temporary directory that becomes ``out`` when the block succeeds.
+
+    Raises:
+      OutputExistsError: ``out`` exists and ``force`` is False.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _str_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _str_keys(v) for k, v in tree.items() if v is not None}
+    return tree
+
+
+def _int_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {(int(k) if k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp  # slow import; only when checkpoints are used
+
+    return ocp.StandardCheckpointer()
+
+
+def save_checkpoint(out: str | Path, *, config: ModelConfig, params: Any, tokenizer: Any = None,
+                    metadata: Mapping[str, Any] | None = None, force: bool = False) -> Path:
+    """Writes a jaxquant checkpoint to ``out`` atomically; returns its path."""
+    with atomic_output_dir(out, force=force) as tmp:
+        ckptr = _checkpointer()
+        ckptr.save(tmp / "params", _str_keys(params))
+        ckptr.wait_until_finished()
+        dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)})
+        info = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
+                "dtypes": dtypes, **dict(metadata or {})}
+        (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        if tokenizer is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer.to_str())
+    return Path(out)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The parsed ``jaxquant.json`` of a checkpoint."""
+    marker = Path(path) / MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{marker} is unreadable: {e}") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"{marker} is not a jaxquant checkpoint marker")
+    if info.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer jaxquant (format version {info['version']})")
+    return info
+
+
+def load_checkpoint(path: str | Path) -> tuple[ModelConfig, Any, Any, dict[str, Any]]:
+    """Loads ``(config, params, tokenizer, metadata)`` from a jaxquant checkpoint."""
+    from jaxquant.checkpoints.tokenizer import load_tokenizer
+
+    path = Path(path).absolute()
+    info = read_metadata(path)
+    config = ModelConfig.from_dict(info["config"])
+    try:
+        params = _checkpointer().restore(path / "params")
+    except Exception as e:  # Orbax raises many types for damaged files
+        raise CheckpointError(f"{path}/params cannot be restored: {e}") from e
+    params = _int_keys(params)
+    from jaxquant.checkpoints.convert import check_params
+
+    check_params(params, config, where=str(path))
+    return config, params, load_tokenizer(path), info

@@ -1,0 +1,1 @@
+"""The ``jaxquant`` command line."""

@@ -1,0 +1,183 @@
+"""``jaxquant``: evaluate, convert and inspect LLM checkpoints in JAX.
+
+Errors caused by input (paths, checkpoints, configs, flags, text) print one line,
+``error: ...``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxquant.errors import JaxquantError, OutputExistsError
+
+MODEL_HELP = ("smollm2-135m (embedded), a Hugging Face model directory, a .gguf file, "
+              "or a jaxquant checkpoint directory")
+
+
+def write_json(path: str | Path, obj: Any, *, force: bool) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically; refuses to replace without ``force``."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"output {path} exists; pass --force to replace it")
+    if path.exists() and path.is_dir():
+        raise OutputExistsError(f"output {path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _add_model(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    else:
+        p.add_argument("--model", required=True, metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter and compute dtype (default: float32)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of MODEL on a text (WikiText protocol of MISSION.md)."""
+    import jax
+
+    from jaxquant.checkpoints.load import load_model, resolve
+    from jaxquant.data import DEMO_CORPUS, load_text, make_windows, tokenize
+    from jaxquant.eval import evaluate_perplexity
+
+    resolve(args.model)
+    if args.json and Path(args.json).exists() and not args.force:
+        raise OutputExistsError(f"output {args.json} exists; pass --force to replace it")
+    data = args.data or DEMO_CORPUS
+    fmt = args.data_format or ("plain" if data == DEMO_CORPUS else "wikitext")
+    text = load_text(data, fmt)
+    model = load_model(args.model, dtype=args.dtype)
+    ids = tokenize(model.tokenizer, text)
+    windows = make_windows(ids, args.seq_len, args.max_windows)
+    result = evaluate_perplexity(model.params, model.config, windows,
+                                 batch_size=args.batch_size, progress=not args.quiet)
+    report = {
+        "model": args.model, "data": str(data), "data_format": fmt, "dtype": args.dtype,
+        **result.to_dict(),
+        "text_tokens": int(len(ids)),
+        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+    }
+    print(f"ppl {result.ppl:.4f} over {result.windows} windows of {result.seq_len} tokens "
+          f"({result.tokens} predicted) in {result.seconds:.1f} s "
+          f"[{result.tokens_per_second:.0f} tok/s on {result.devices} {report['backend']} "
+          f"device(s)]")
+    if args.json:
+        write_json(args.json, report, force=args.force)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Converts MODEL to a jaxquant (Orbax) checkpoint directory."""
+    from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
+    from jaxquant.checkpoints.load import load_model, resolve
+
+    resolve(args.model)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise OutputExistsError(f"output {out} exists; pass --force to replace it")
+    model = load_model(args.model, dtype=args.dtype)
+    save_checkpoint(out, config=model.config, params=model.params, tokenizer=model.tokenizer,
+                    metadata={"source": model.source, "source_format": model.source_format},
+                    force=args.force)
+    print(f"wrote {out} ({model.config.family}, {model.config.num_params():,} parameters, "
+          f"{args.dtype})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Architecture, parameter count and sizes of MODEL, without loading its weights."""
+    from jaxquant.checkpoints.info import model_info
+
+    info = model_info(args.model)
+    if args.json:
+        write_json(args.json, info, force=args.force)
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``jaxquant`` command."""
+    parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text",
+                       description=cmd_eval.__doc__)
+    _add_model(p)
+    p.add_argument("--data", metavar="PATH",
+                   help="text file or folder of .txt files (default: the embedded King James "
+                        "Bible demo corpus, 'kjv')")
+    p.add_argument("--data-format", choices=["wikitext", "plain"],
+                   help="wikitext: drop empty lines, join rows with blank lines (default for "
+                        "--data); plain: text as is (default for the demo corpus)")
+    p.add_argument("--seq-len", type=_positive, default=2048, help="window length (2048)")
+    p.add_argument("--max-windows", type=_positive, help="score only the first N windows")
+    p.add_argument("--batch-size", type=_positive, default=1,
+                   help="windows per step, split over all local devices (1)")
+    p.add_argument("--json", metavar="OUT", help="write a JSON report here")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="convert a checkpoint to a jaxquant checkpoint",
+                       description=cmd_convert.__doc__)
+    _add_model(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="architecture, parameter count and bytes of a model",
+                       description=cmd_info.__doc__)
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--json", metavar="OUT", help="also write the facts as JSON")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxquant`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JaxquantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

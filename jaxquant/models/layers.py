@@ -1,0 +1,223 @@
+"""Building blocks shared by every decoder family (Flax NNX).
+
+Parameters are ``nnx.Param`` leaves named as in Hugging Face checkpoints
+(``weight``, ``bias``), so a model's parameter pytree has paths such as
+``layers.3.self_attn.q_proj.weight`` (see ``docs/models.md``). Every linear layer
+calls :func:`jaxquant.ops.linear`, the single matmul entry point that quantized
+formats and Pallas kernels hook into.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant import ops
+from jaxquant.models.config import ModelConfig, RopeConfig
+
+_NEG_INF = -2.3819763e38  # large finite negative, as masked logits (avoids NaN rows)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    return (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x W^T + b`` with ``W`` of shape ``[out_features, in_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: Any,
+                 rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias.get_value()
+        return ops.linear(x, self.weight.get_value(), bias)
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[vocab, hidden]``, optionally scaled (Gemma)."""
+
+    def __init__(self, vocab: int, hidden: int, *, scale: float, dtype: Any, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (vocab, hidden), dtype))
+        self.scale = scale
+
+    def __call__(self, ids: jax.Array, dtype: Any) -> jax.Array:
+        x = ops.embedding_lookup(self.weight.get_value(), ids, dtype)
+        if self.scale != 1.0:
+            x = x * jnp.asarray(self.scale, dtype)
+        return x
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the embedding table (tied ``lm_head``)."""
+        return ops.linear(x, self.weight.get_value())
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm (Zhang & Sennrich, 2019, eq. 4), computed in float32.
+
+    ``y = x / sqrt(mean(x^2) + eps) * (offset + w)``; Gemma stores ``w`` around zero
+    (``offset = 1``) and multiplies before casting back, Llama casts then multiplies.
+    """
+
+    def __init__(self, dim: int, *, eps: float, offset: float, dtype: Any):
+        init = jnp.zeros if offset else jnp.ones
+        self.weight = nnx.Param(init((dim,), dtype))
+        self.eps = eps
+        self.offset = offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        w = self.weight.get_value()
+        if self.offset:
+            return (xf * (self.offset + w.astype(jnp.float32))).astype(x.dtype)
+        return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> np.ndarray:
+    """Inverse frequencies of RoPE (Su et al., 2021, eq. 15), with Llama 3 / linear scaling.
+
+    Computed in float32 as transformers does, so positions match it to the bit.
+    """
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv = (np.float32(1.0) / (np.float32(rope.theta) ** exps)).astype(np.float32)
+    if rope.rope_type == "linear":
+        inv = inv / np.float32(rope.factor)
+    elif rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: Any) -> jax.Array:
+    """Rotates ``x [B, T, heads, D]`` by ``positions [B, T]`` (half-split layout, as HF)."""
+    inv = jnp.asarray(np.asarray(inv_freq, np.float32))
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
+              k_pos: jax.Array, k_valid: jax.Array | None, scale: float,
+              window: int | None, softcap: float | None) -> jax.Array:
+    """Causal grouped-query attention (Vaswani et al., 2017, eq. 1; Ainslie et al., 2023).
+
+    Args:
+      q: Queries ``[B, T, H, D]``.
+      k: Keys ``[B, S, KV, D]`` with ``H % KV == 0``.
+      v: Values ``[B, S, KV, D]``.
+      q_pos: Query positions ``[B, T]``.
+      k_pos: Key positions ``[B, S]``.
+      k_valid: Optional ``[B, S]`` mask of filled key slots (KV cache).
+      scale: Logit scale.
+      window: Sliding window: key ``j`` is visible from query ``i`` iff ``i - j < window``.
+      softcap: Optional tanh soft-cap of the logits.
+
+    Returns:
+      ``[B, T, H * D]``.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                        precision=ops._precision(q.dtype)) * scale
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if window:
+        mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    if k_valid is not None:
+        mask &= k_valid[:, None, :]
+    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=ops._precision(v.dtype))
+    return out.reshape(b, t, h * d)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with GQA, RoPE, optional biases and q/k norms."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Any, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
+            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.scale = cfg.scale
+        self.window = cfg.window(layer)
+        self.softcap = cfg.attn_logit_softcap
+        # A tuple keeps the module's static data hashable; float32 -> float is exact.
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg.rope_for(layer), d))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None,
+                 length: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+        """Attends ``x [B, T, hidden]`` at ``positions [B, T]``.
+
+        With a KV cache (``{"k", "v"}`` of ``[B, S, KV, D]``), writes this step's keys and
+        values at slots ``length .. length + T - 1`` and attends to all filled slots.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, self.inv_freq)
+        k = apply_rope(k, positions, self.inv_freq)
+        if cache is None:
+            out = attention(q, k, v, q_pos=positions, k_pos=positions, k_valid=None,
+                            scale=self.scale, window=self.window, softcap=self.softcap)
+        else:
+            start = length
+            ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                              (0, start, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                              (0, start, 0, 0))
+            s = ck.shape[1]
+            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype), (b, s))
+            valid = k_pos < start + t
+            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), q_pos=positions,
+                            k_pos=k_pos, k_valid=valid, scale=self.scale, window=self.window,
+                            softcap=self.softcap)
+            cache = {"k": ck, "v": cv}
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` (Shazeer, 2020, "GLU Variants", eq. 6)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        h, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Linear(h, f, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, f, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, h, bias=bias, dtype=dtype, rngs=rngs)
+        self.activation = cfg.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = self.gate_proj(x)
+        if self.activation == "silu":
+            gate = jax.nn.silu(gate)
+        else:
+            gate = jax.nn.gelu(gate, approximate=True)
+        return self.down_proj(gate * self.up_proj(x))

@@ -1,0 +1,65 @@
+"""The matmul entry point every linear layer goes through.
+
+``linear(x, w, bias)`` computes ``y = x @ w.T + bias`` with ``w`` stored
+``[out_features, in_features]`` (the Hugging Face layout; quantization groups run
+along the contiguous input axis). A plain array goes through ``jnp.einsum``; any
+other weight type (the quantized formats of later modules) is routed to the
+implementation registered for its type with :func:`register_linear`, which is
+where Pallas kernels plug in. ``embedding_lookup`` is the same for token
+embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+LinearImpl = Callable[[jax.Array, Any], jax.Array]
+EmbedImpl = Callable[[Any, jax.Array, Any], jax.Array]
+
+_LINEAR: dict[type, LinearImpl] = {}
+_EMBED: dict[type, EmbedImpl] = {}
+
+
+def register_linear(weight_type: type, impl: LinearImpl) -> None:
+    """Routes ``linear(x, w)`` for weights of ``weight_type`` to ``impl(x, w)``."""
+    _LINEAR[weight_type] = impl
+
+
+def register_embedding(weight_type: type, impl: EmbedImpl) -> None:
+    """Routes ``embedding_lookup(w, ids, dtype)`` for ``weight_type`` to ``impl``."""
+    _EMBED[weight_type] = impl
+
+
+def _precision(dtype: Any) -> jax.lax.Precision:
+    # float32 matmuls must be exact: XLA's default allows bf16 passes on GPU/TPU.
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
+    """``x @ w.T + bias`` for ``w`` of shape ``[out, in]`` (array or quantized format).
+
+    Args:
+      x: Activations ``[..., in]``; the result has x's dtype.
+      w: Weight ``[out, in]``: an array, or a type registered with ``register_linear``.
+      bias: Optional ``[out]``.
+    """
+    impl = _LINEAR.get(type(w))
+    if impl is not None:
+        y = impl(x, w)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=_precision(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+def embedding_lookup(table: Any, ids: jax.Array, dtype: Any) -> jax.Array:
+    """Rows ``table[ids]`` as ``dtype`` (array or registered quantized table)."""
+    impl = _EMBED.get(type(table))
+    if impl is not None:
+        return impl(table, ids, dtype)
+    return jnp.take(table, ids, axis=0).astype(dtype)
