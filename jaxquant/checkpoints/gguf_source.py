@@ -255,11 +255,11 @@ def _hf_config(
       ConfigError: A required key is missing or a value is unsupported.
     """
 
-    def key(name: str, default: Any = None, required: bool = True) -> Any:
+    def key(name: str, default: Any = None) -> Any:
         full = f"{arch}.{name}"
         if full in md:
             return md[full]
-        if required and default is None:
+        if default is None:
             raise ConfigError(f"{path}: GGUF metadata lacks {full!r}, which a {arch} model needs")
         return default
 
@@ -407,7 +407,7 @@ def _gemma3_extra(
 
 def _llama3_rope_scaling(
     factors: np.ndarray, theta: float, head_dim: int, path: str
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Recovers Hugging Face's ``llama3`` ``rope_scaling`` from llama.cpp's rope_freqs.
 
     llama.cpp's converter stores, per rotary frequency ``f_i = theta ** (-2i / d)``
@@ -417,7 +417,8 @@ def _llama3_rope_scaling(
     which is linear in ``1 / w_i``; its slope and intercept fix ``L / (hi - lo)`` and
     ``lo / (hi - lo)``. Only those two ratios matter, so ``lo = 1`` is chosen (the
     value every Llama 3.x config uses), which recovers ``L`` and ``hi`` exactly for
-    those models. The result is checked by recomputing the factors.
+    those models. The result is checked by recomputing the factors. All-ones factors
+    mean no scaling (None).
     """
     r = np.asarray(factors, dtype=np.float64).reshape(-1)
     if r.size != head_dim // 2:
@@ -426,8 +427,10 @@ def _llama3_rope_scaling(
         )
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     factor = float(r.max())
+    if factor <= 1.0 + 1e-6 and float(r.min()) >= 1.0 - 1e-6:
+        return None  # all ones: no scaling
     if factor <= 1.0 + 1e-6:
-        raise ConfigError(f"{path}: rope_freqs holds no scaling (all factors are 1)")
+        raise ConfigError(f"{path}: rope_freqs does not follow Llama 3 RoPE scaling")
     middle = (r > 1.0 + 1e-6) & (r < factor * (1 - 1e-6))
     if middle.sum() < 2:
         raise ConfigError(
@@ -555,15 +558,23 @@ def _byte_alphabet() -> dict[int, str]:
     return table
 
 
-def _tokenizer(md: dict[str, Any], path: str) -> Any | None:
+def _tokenizer(md: dict[str, Any], arch: str, path: str) -> Any | None:
     """A ``tokenizers.Tokenizer`` from ``tokenizer.ggml.*`` metadata, or None if absent.
 
     Mirrors what transformers builds for ``AutoTokenizer.from_pretrained(dir,
-    gguf_file=name)``: byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with the
-    split regex transformers picks from ``tokenizer.ggml.pre`` (GPT-2's own regex for
-    values it does not list, such as ``smollm``); control tokens added as special
-    tokens, user-defined ones as plain added tokens; BOS/EOS prepended/appended only
-    when ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` say so.
+    gguf_file=name)`` (transformers/integrations/gguf/gguf_tokenizer_mapping.py):
+
+    * ``tokenizer.ggml.model == "gpt2"``: byte-level BPE with the split regex
+      transformers picks from ``tokenizer.ggml.pre`` (GPT-2's own regex for values it
+      does not list, such as SmolLM2's ``smollm``); BOS only if
+      ``tokenizer.ggml.add_bos_token`` is true.
+    * ``"llama"`` (SentencePiece BPE): merges from the file, or recovered from the
+      vocabulary and scores; Metaspace with a prefix space on the first word, byte
+      fallback; for Gemma 3, Gemma's variant (spaces normalized to U+2581, no prefix
+      space, whitespace-only tokens respelled, merges ordered by vocabulary position).
+      BOS unless ``add_bos_token`` is false.
+
+    Control tokens become special added tokens, user-defined ones plain added tokens.
 
     Raises:
       CheckpointError: The tokenizer model type is not supported.
@@ -572,59 +583,24 @@ def _tokenizer(md: dict[str, Any], path: str) -> Any | None:
     if not tokens:
         return None
     kind = md.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise CheckpointError(
-            f"{path}: embedded tokenizer of type {kind!r} is not supported (supported: 'gpt2', "
-            "byte-level BPE)"
-        )
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-    )
-
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-    vocab: dict[str, int] = {}
-    for index, token in enumerate(tokens):
-        if not set(token) <= spelled:  # stored as plain text: respell byte-wise
-            token = "".join(alphabet[b] for b in token.encode("utf-8"))
-        vocab[token] = index
-    merges = [tuple(m.split(" ")) for m in md.get("tokenizer.ggml.merges", [])]
-    bad = [m for m in merges if len(m) != 2]
-    if bad:
-        raise CheckpointError(f"{path}: malformed tokenizer merge {' '.join(bad[0])!r}")
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merges,
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-        )
-    )
-    split = _BYTE_LEVEL_SPLITS.get(md.get("tokenizer.ggml.pre"))
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "gpt2":
+        tok, vocab, control_ok, class_specials = _byte_level_bpe(md, tokens, path)
+        add_bos_default = False
+    elif kind == "llama":
+        tok, vocab, control_ok, class_specials = _sentencepiece_bpe(md, tokens, arch, path)
+        add_bos_default = True
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
+        raise CheckpointError(
+            f"{path}: embedded tokenizer of type {kind!r} is not supported (supported: "
+            "'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE))"
         )
-    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken, processors
 
     types = md.get("tokenizer.ggml.token_type") or []
     control = [
         AddedToken(t, normalized=False, special=True)
         for t, ty in zip(tokens, types, strict=False)
-        if ty == _TOKEN_CONTROL and set(t) <= spelled
+        if ty == _TOKEN_CONTROL and control_ok(t)
     ]
     if control:
         tok.add_special_tokens(control)
@@ -648,13 +624,17 @@ def _tokenizer(md: dict[str, Any], path: str) -> Any | None:
         "unk": special("unknown_token_id"),
         "pad": special("padding_token_id"),
     }
+    # transformers also registers its tokenizer class's default special tokens; only
+    # those the vocabulary has are added here (it would append missing ones past the
+    # embedding matrix).
     present = {str(t.content) for t in tok.get_added_tokens_decoder().values()}
-    extra = [t for t in dict.fromkeys(named.values()) if t is not None and t not in present]
+    wanted = [*class_specials, *named.values()]
+    extra = [t for t in dict.fromkeys(wanted) if t is not None and t not in present and t in vocab]
     if extra:
         tok.add_special_tokens([AddedToken(t, special=True) for t in extra])
 
     bos, eos = named["bos"], named["eos"]
-    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
     pair = (
@@ -669,6 +649,125 @@ def _tokenizer(md: dict[str, Any], path: str) -> Any | None:
         single=single, pair=pair, special_tokens=specials
     )
     return tok
+
+
+def _file_merges(md: dict[str, Any], path: str) -> list[tuple[str, ...]] | None:
+    """``tokenizer.ggml.merges`` as pairs, or None if the file has none."""
+    raw = md.get("tokenizer.ggml.merges")
+    if raw is None:
+        return None
+    merges = [tuple(m.split(" ")) for m in raw]
+    bad = [m for m in merges if len(m) != 2]
+    if bad:
+        raise CheckpointError(f"{path}: malformed tokenizer merge {' '.join(bad[0])!r}")
+    return merges
+
+
+def _byte_level_bpe(
+    md: dict[str, Any], tokens: list[str], path: str
+) -> tuple[Any, dict[str, int], Callable[[str], bool], tuple[str, ...]]:
+    """GPT-2 style byte-level BPE (``tokenizer.ggml.model == "gpt2"``)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        if not set(token) <= spelled:  # stored as plain text: respell byte-wise
+            token = "".join(alphabet[b] for b in token.encode("utf-8"))
+        vocab[token] = index
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=_file_merges(md, path) or [],
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    split = _BYTE_LEVEL_SPLITS.get(md.get("tokenizer.ggml.pre"))
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok.decoder = decoders.ByteLevel()
+    # A control token spelled outside the byte alphabet is a llama.cpp mislabel;
+    # transformers keeps it an ordinary (respelled) vocabulary entry.
+    return tok, vocab, lambda t: set(t) <= spelled, ("<|endoftext|>",)
+
+
+def _sentencepiece_bpe(
+    md: dict[str, Any], tokens: list[str], arch: str, path: str
+) -> tuple[Any, dict[str, int], Callable[[str], bool], tuple[str, ...]]:
+    """SentencePiece BPE (``tokenizer.ggml.model == "llama"``), Llama or Gemma style."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    gemma = arch == "gemma3"
+    if gemma:  # whitespace-only pieces are stored as spaces; Gemma looks them up as U+2581
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _file_merges(md, path)
+    if merges is None:
+        if gemma:  # Gemma's scores do not follow its merge order; file order does
+            ranks = {t: float(-i) for i, t in enumerate(tokens)}
+        else:
+            scores = md.get("tokenizer.ggml.scores")
+            if scores is None or len(scores) != len(tokens):
+                raise CheckpointError(
+                    f"{path}: SentencePiece tokenizer has neither merges nor one score per token"
+                )
+            ranks = dict(zip(tokens, (float(x) for x in scores), strict=True))
+        merges = _merges_from_scores(vocab, ranks)
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            fuse_unk=True,
+            byte_fallback=True,
+            dropout=None,
+            unk_token="<unk>" if gemma else None,
+        )
+    )
+    pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        tok.decoder = decoders.Sequence(pieces)
+        class_specials: tuple[str, ...] = ("<unk>", "<bos>", "<eos>", "<pad>", "<mask>")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first", split=False
+        )
+        tok.decoder = decoders.Sequence([*pieces, decoders.Strip(" ", 1, 0)])
+        class_specials = ("<unk>", "<s>", "</s>")
+    return tok, vocab, lambda t: True, class_specials
+
+
+def _merges_from_scores(vocab: dict[str, int], ranks: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary, best first.
+
+    Every split of a piece into two pieces of the vocabulary is a merge, ranked by the
+    piece's score, then by the lengths of its two halves (longer first); splits of one
+    piece are ordered by their halves' ids. This is the order transformers derives
+    (``generate_merges``), so both tokenize alike.
+    """
+    found: list[tuple[str, str, float]] = []
+    for piece, score in ranks.items():
+        local = [
+            (piece[:i], piece[i:], score)
+            for i in range(1, len(piece))
+            if piece[:i] in vocab and piece[i:] in vocab
+        ]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        found.extend(local)
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
 
 
 # --------------------------------------------------------------------------------------
@@ -710,7 +809,10 @@ def read_gguf(path: str | os.PathLike[str]) -> CheckpointSource:
 
     by_name = {t.name: t for t in reader.tensors}
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    config = _hf_config(arch, md, shapes, path_str)
+    try:
+        config = _hf_config(arch, md, shapes, path_str)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"{path_str}: malformed GGUF model metadata ({_one_line(e)})") from e
 
     if _ROPE_FREQS in by_name:
         if arch != "llama":
@@ -742,8 +844,16 @@ def read_gguf(path: str | os.PathLike[str]) -> CheckpointSource:
             f"{path_str}: GGUF tensors this reader does not know for arch {arch}: {shown}"
         )
     _check_complete(arch, [h for _, h, _ in plan], config, path_str)
+    _check_attention_shapes(plan, shapes, config, path_str)
 
-    tokenizer = _tokenizer(md, path_str)
+    try:
+        tokenizer = _tokenizer(md, arch, path_str)
+    except CheckpointError:
+        raise
+    except Exception as e:  # tokenizers raises bare Exceptions for inconsistent vocabularies
+        raise CheckpointError(
+            f"{path_str}: cannot build the embedded tokenizer ({_one_line(e)})"
+        ) from e
 
     def read() -> Iterator[tuple[str, np.ndarray]]:
         for gguf_name, hf_name, transform in plan:
@@ -810,3 +920,28 @@ def _check_complete(arch: str, names: Sequence[str], config: dict[str, Any], pat
             f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
         )
         raise CheckpointError(f"{path}: GGUF file lacks tensors: {shown}")
+
+
+def _check_attention_shapes(
+    plan: Sequence[tuple[str, str, Any]],
+    shapes: dict[str, tuple[int, ...]],
+    config: dict[str, Any],
+    path: str,
+) -> None:
+    """Raises CheckpointError if a Q/K/V projection's rows disagree with the head counts.
+
+    The Q/K row permutation is only well defined when they agree.
+    """
+    head_dim = config["head_dim"]
+    rows = {
+        "q_proj": config["num_attention_heads"] * head_dim,
+        "k_proj": config["num_key_value_heads"] * head_dim,
+        "v_proj": config["num_key_value_heads"] * head_dim,
+    }
+    for gguf_name, hf_name, _ in plan:
+        leaf = hf_name.rsplit(".", 2)[-2]
+        if leaf in rows and shapes[gguf_name][0] != rows[leaf]:
+            raise CheckpointError(
+                f"{path}: tensor {gguf_name!r} has shape {list(shapes[gguf_name])}, but the "
+                f"metadata's head counts and head_dim {head_dim} need {rows[leaf]} rows"
+            )
