@@ -49,7 +49,7 @@ def main() -> None:
         "data": "wiki.test.raw: \\r stripped, empty lines dropped, rows joined with \\n\\n",
         "seq_len": 2048,
         "windows": res.windows,
-        "text_tokens": int(len(ids)),
+        "text_tokens": len(ids),
         "ppl_first10": first10,
         "ppl_all": res.ppl,
         "reference_transformers": REFERENCE,

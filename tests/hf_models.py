@@ -47,7 +47,7 @@ def make_model(name: str, seed: int = 0) -> torch.nn.Module:
     model = model_cls(config).eval().float()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
+        for _pname, p in model.named_parameters():
             if p.ndim == 1:  # norms and biases: around their defaults
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
             else:

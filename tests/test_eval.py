@@ -127,9 +127,9 @@ def test_demo_corpus():
 
 
 def test_cli_eval_json_report(tiny_hf_dir, tmp_path, capsys):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
     d = tmp_path / "m"
     shutil.copytree(tiny_hf_dir, d)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))

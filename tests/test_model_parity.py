@@ -29,7 +29,7 @@ def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 def test_full_sequence_logits(pair):
-    name, model, cfg, params, rng = pair
+    _name, model, cfg, params, rng = pair
     tokens = rng.integers(0, cfg.vocab_size, size=(2, 13))
     ref = _torch_logits(model, tokens)
     ours = jax.jit(transformer.forward, static_argnums=1)(params, cfg, jnp.asarray(tokens))
@@ -40,7 +40,7 @@ def test_full_sequence_logits(pair):
 
 
 def test_kv_cache_decoding(pair):
-    name, model, cfg, params, rng = pair
+    _name, model, cfg, params, rng = pair
     prompt, steps = 5, 8
     tokens = rng.integers(0, cfg.vocab_size, size=(2, prompt + steps))
     ref = _torch_logits(model, tokens)

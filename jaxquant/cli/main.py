@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {
         "model": args.model, "data": str(data), "data_format": fmt, "dtype": args.dtype,
         **result.to_dict(),
-        "text_tokens": int(len(ids)),
+        "text_tokens": len(ids),
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
     }

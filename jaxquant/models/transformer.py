@@ -109,10 +109,7 @@ class CausalLM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Output logits for hidden states ``h`` (float32, soft-capped if configured)."""
-        if self.lm_head is None:
-            out = self.embed_tokens.attend(h)
-        else:
-            out = self.lm_head(h)
+        out = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         out = out.astype(jnp.float32)
         cap = self.config.final_logit_softcap
         if cap:

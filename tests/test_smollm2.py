@@ -1,0 +1,45 @@
+"""The embedded SmolLM2-135M: logits parity with transformers on the real weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+import jaxquant
+from jaxquant.checkpoints.load import embedded_path
+from jaxquant.models import transformer
+from tests.conftest import WIKI_TEST
+
+
+@pytest.mark.model
+def test_smollm2_logits_match_transformers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = embedded_path("smollm2-135m")
+    config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=meta)["tensors"]
+    config._attn_implementation = "eager"
+    ref_model = transformers.LlamaForCausalLM(config).float().eval()
+    missing, _ = ref_model.load_state_dict({k: v.float() for k, v in tensors.items()},
+                                           strict=False)
+    assert set(missing) <= {"lm_head.weight"}  # tied to the embeddings
+    ref_model.tie_weights()
+    del tensors
+
+    model = jaxquant.load_model("smollm2-135m")
+    text = jaxquant.load_text(WIKI_TEST, "wikitext")[:2000]
+    ids = jaxquant.tokenize(model.tokenizer, text)[:160][None]
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    got = np.asarray(jax.jit(transformer.forward, static_argnums=1)(
+        model.params, model.config, jnp.asarray(ids)))
+    assert np.isfinite(got).all() and np.abs(ref).max() > 5
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    # Same next-token predictions everywhere.
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.99
