@@ -27,3 +27,19 @@ class DataError(JaxquantError):
 
 class OutputExistsError(JaxquantError):
     """An output path exists and ``force`` was not given."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """A short one-line form of ``error``'s message, for embedding in an error message.
+
+    Args:
+      error: The exception, typically one raised by a library.
+      limit: The most characters returned; a longer line is cut and ends in "…".
+
+    Returns:
+      The first non-empty line of ``str(error)``, stripped, or the exception's class
+      name if its message is empty.
+    """
+    line = next((s.strip() for s in str(error).splitlines() if s.strip()), "")
+    line = line or type(error).__name__
+    return line if len(line) <= limit else line[: max(limit - 1, 0)] + "…"

@@ -22,14 +22,18 @@ FAMILIES = {
                           high_freq_factor=4.0, original_max_position_embeddings=16),
         rope_theta=500000.0)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(
-        sliding_window=5, head_dim=16)),
+        sliding_window=5, head_dim=16, attention_bias=True)),  # Mistral ignores the bias flag
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
         tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen2-sliding": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16)),
+    "qwen3-bias": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
+        head_dim=16, attention_bias=True)),
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
         head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        final_logit_softcapping=30.0,
+        final_logit_softcapping=30.0, attention_bias=True,
         rope_parameters={
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),

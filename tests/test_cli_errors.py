@@ -58,12 +58,22 @@ def test_malformed_config_json(tiny_hf_dir, tmp_path, capsys):
 
 
 def test_config_missing_field(tiny_hf_dir, tmp_path, capsys):
+    # transformers' class default (4096) applies, as in transformers; the weights disagree.
     d = copy_dir(tiny_hf_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
     del cfg["hidden_size"]
     (d / "config.json").write_text(json.dumps(cfg))
+    code, err = run(["convert", "--model", d, "--out", tmp_path / "out"], capsys)
+    assert_error(code, err, "has shape", "config implies (97, 4096)")
+
+
+def test_config_field_of_wrong_type(tiny_hf_dir, tmp_path, capsys):
+    d = copy_dir(tiny_hf_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = "three"
+    (d / "config.json").write_text(json.dumps(cfg))
     code, err = run(["info", d], capsys)
-    assert_error(code, err, "hidden_size")
+    assert_error(code, err, "num_hidden_layers", "wrong type")
 
 
 def test_truncated_safetensors(tiny_hf_dir, tmp_path, capsys):
@@ -81,14 +91,14 @@ def test_truncated_gguf(tmp_path, capsys):
     with open(src, "rb") as f:
         bad.write_bytes(f.read(5_000_000))
     code, err = run(["info", bad], capsys)
-    assert_error(code, err, "cut.gguf")
+    assert_error(code, err, "cut.gguf", "truncated")
 
 
 def test_not_a_gguf(tmp_path, capsys):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"definitely not gguf" * 100)
     code, err = run(["info", bad], capsys)
-    assert_error(code, err, "x.gguf")
+    assert_error(code, err, "x.gguf", "not a GGUF file")
 
 
 def test_tensor_shape_does_not_match_config(tiny_hf_dir, tmp_path, capsys):
@@ -190,3 +200,54 @@ def test_bad_flag_value_is_argparse_error(capsys):
         main(["eval", "--model", "x", "--seq-len", "0"])
     assert e.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def _with_word_tokenizer(src: Path, dst: Path, words: int) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = copy_dir(src, dst)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+def test_tokenizer_larger_than_vocabulary(tiny_hf_dir, tmp_path, capsys):
+    d = _with_word_tokenizer(tiny_hf_dir, tmp_path / "m", 200)  # the model has 97 rows
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(0, 200, 3)))
+    code, err = run(["eval", "--model", d, "--data", text, "--seq-len", 8], capsys)
+    assert_error(code, err, "tokenizer produced id", "97 embeddings")
+
+
+def test_json_output_under_a_file(tiny_hf_dir, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code, err = run(["info", tiny_hf_dir, "--json", blocker / "r.json"], capsys)
+    assert_error(code, err, "afile", "not a directory")
+    code, err = run(["convert", "--model", tiny_hf_dir, "--out", blocker / "ck"], capsys)
+    assert_error(code, err, "afile", "not a directory")
+
+
+def test_damaged_jaxquant_checkpoint(tiny_hf_dir, tmp_path, capsys):
+    out = tmp_path / "ck"
+    assert main(["convert", "--model", str(tiny_hf_dir), "--out", str(out)]) == 0
+    marker = json.loads((out / "jaxquant.json").read_text())
+    marker["config"]["rope"]["bogus"] = 1
+    (out / "jaxquant.json").write_text(json.dumps(marker))
+    code, err = run(["info", out], capsys)
+    assert_error(code, err, str(out), "invalid jaxquant model config")
+    marker["config"]["rope"].pop("bogus")
+    (out / "jaxquant.json").write_text(json.dumps(marker))
+    for f in (out / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(b"\0" * 100)
+    code, err = run(["eval", "--model", out, "--data", tmp_path / "ck" / "jaxquant.json"], capsys)
+    assert_error(code, err, "cannot be restored")
+
+
+def test_non_utf8_text(tiny_hf_dir, tmp_path, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    code, err = run(["eval", "--model", tiny_hf_dir, "--data", text], capsys)
+    assert_error(code, err, "latin1.txt", "not UTF-8")

@@ -628,6 +628,18 @@ def test_sentencepiece_tokenizer_matches_transformers(
         assert (ids[0] == 1) == (add_bos is None)  # llama.cpp's default for SentencePiece
 
 
+def test_tokenizer_adds_no_tokens_past_the_vocabulary(tmp_path: Path, monkeypatch: Any) -> None:
+    """A vocabulary without GPT-2's ``<|endoftext|>`` (Llama 3 style) gets no extra token."""
+    monkeypatch.setitem(globals(), "_SPECIALS", ["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"])
+    path = tmp_path / "l3.gguf"
+    write_gguf(path, pre="llama-bpe", add_bos=True)
+    tok = read_gguf(path).tokenizer
+    n_tokens = len(_tiny_vocab()[0])
+    assert tok.get_vocab_size() == n_tokens
+    ids = tok.encode("<|endoftext|> the").ids
+    assert ids[0] == 1 and len(ids) > 3 and max(ids) < n_tokens
+
+
 # ----------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------
@@ -703,6 +715,14 @@ def test_unsupported_tokenizer_model(tmp_path: Path) -> None:
         extra_meta={"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a", "b"]},
     )
     with pytest.raises(CheckpointError, match=r"spm\.gguf.*'bert'"):
+        read_gguf(path)
+
+
+def test_tokenizer_metadata_incomplete(tmp_path: Path) -> None:
+    path = tmp_path / "noscores.gguf"
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a", "b"]}
+    write_gguf(path, tokenizer=False, extra_meta=meta)
+    with pytest.raises(CheckpointError, match=r"noscores\.gguf.*lacks 'tokenizer\.ggml\.scores'"):
         read_gguf(path)
 
 

@@ -19,7 +19,6 @@ from flax import serialization
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as torch_save_file
 
-from jaxquant.checkpoints import hf_source
 from jaxquant.checkpoints.hf_source import read_hf_dir
 from jaxquant.checkpoints.tokenizer import decode, encode, load_tokenizer
 from jaxquant.errors import CheckpointError, ConfigError
@@ -125,39 +124,14 @@ def test_bfloat16_round_trip(model: transformers.LlamaForCausalLM, tmp_path: Pat
     _assert_same(got, want)
 
 
-def test_bfloat16_raw_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Older safetensors cannot give bfloat16 to numpy; the raw reader takes over."""
-    bf16 = _tiny_llama().to(torch.bfloat16)
-    bf16.save_pretrained(tmp_path)
-    want = {k: _to_numpy(v.detach()) for k, v in bf16.state_dict().items()}
-    real_safe_open = hf_source.safe_open
-
-    class NoBf16:
-        def __init__(self, file: str, framework: str) -> None:
-            self._handle = real_safe_open(file, framework=framework)
-
-        def __enter__(self) -> NoBf16:
-            self._handle.__enter__()
-            return self
-
-        def __exit__(self, *args: object) -> None:
-            self._handle.__exit__(*args)
-
-        def get_tensor(self, name: str) -> np.ndarray:
-            raise TypeError("data type 'bfloat16' not understood")
-
-    monkeypatch.setattr(hf_source, "safe_open", NoBf16)
-    _assert_same(_read_all(tmp_path), want)
-
-
-def test_float8_is_read_raw(tmp_path: Path) -> None:
-    """safetensors' numpy backend has no float8; such tensors are read from the bytes."""
+def test_float8_is_rejected(tmp_path: Path) -> None:
+    """safetensors' numpy backend has no float8: such a file is refused up front."""
     (tmp_path / "config.json").write_text("{}")
     w = torch.linspace(-2, 2, 12).reshape(3, 4).to(torch.float8_e4m3fn)
-    torch_save_file({"w": w}, str(tmp_path / "model.safetensors"))
-    got = _read_all(tmp_path)["w"]
-    assert got.dtype == ml_dtypes.float8_e4m3fn
-    np.testing.assert_array_equal(got.view(np.uint8), w.view(torch.uint8).numpy())
+    torch_save_file({"b": torch.ones(2), "w": w}, str(tmp_path / "model.safetensors"))
+    message = _error(CheckpointError, tmp_path)
+    assert message.startswith(f"{tmp_path / 'model.safetensors'}: tensor 'w' is F8_E4M3; ")
+    assert "float8 safetensors are not supported" in message
 
 
 def test_sharded(sharded_dir: Path, state_dict: dict[str, np.ndarray]) -> None:
@@ -412,8 +386,8 @@ def test_truncated_safetensors(single_dir: Path, tmp_path: Path) -> None:
     size = file.stat().st_size
     os.truncate(file, size - 100)
     message = _error(CheckpointError, d)
-    assert message.startswith(f"{file} is truncated or corrupt: header describes {size} bytes")
-    assert f"the file has only {size - 100}" in message
+    assert message.startswith(f"{file} is truncated or corrupt: ")
+    assert "file not fully covered" in message  # safetensors' words for a short file
 
 
 def test_safetensors_header_truncated(single_dir: Path, tmp_path: Path) -> None:
@@ -421,9 +395,12 @@ def test_safetensors_header_truncated(single_dir: Path, tmp_path: Path) -> None:
     file = d / "model.safetensors"
     os.truncate(file, 50)
     message = _error(CheckpointError, d)
-    assert message.startswith(f"{file} is truncated or corrupt: header length ")
+    assert message.startswith(f"{file} is truncated or corrupt: ")
+    assert "invalid header length" in message
     os.truncate(file, 3)
-    assert "3 bytes is too short for a safetensors header" in _error(CheckpointError, d)
+    message = _error(CheckpointError, d)
+    assert message.startswith(f"{file} is truncated or corrupt: ")
+    assert "header too small" in message
 
 
 def test_corrupt_safetensors_header(single_dir: Path, tmp_path: Path) -> None:
@@ -433,7 +410,8 @@ def test_corrupt_safetensors_header(single_dir: Path, tmp_path: Path) -> None:
     data[8:20] = b"#" * 12
     file.write_bytes(bytes(data))
     message = _error(CheckpointError, d)
-    assert message.startswith(f"{file} is truncated or corrupt: header is not valid JSON")
+    assert message.startswith(f"{file} is truncated or corrupt: ")
+    assert "invalid JSON in header" in message
 
 
 def test_safetensors_header_size_mismatch(tmp_path: Path) -> None:
@@ -442,12 +420,12 @@ def test_safetensors_header_size_mismatch(tmp_path: Path) -> None:
     data = struct.pack("<Q", len(header)) + header.encode() + bytes(12)
     (tmp_path / "model.safetensors").write_bytes(data)
     message = _error(CheckpointError, tmp_path)
-    assert "model.safetensors is truncated or corrupt" in message
-    assert "'w' 12 bytes, which does not match F32 of shape [2, 2]" in message
+    assert message.startswith(f"{tmp_path / 'model.safetensors'} is truncated or corrupt: ")
+    assert "invalid shape, data type, or offset for tensor" in message
 
 
 def test_safetensors_rejected_by_library(single_dir: Path, tmp_path: Path) -> None:
-    """Trailing junk passes jaxquant's own checks; safetensors' own check is wrapped."""
+    """Trailing junk after the tensor data is rejected too."""
     d = _copy(single_dir, tmp_path)
     with open(d / "model.safetensors", "ab") as f:
         f.write(b"junk")

@@ -43,3 +43,14 @@ def test_smollm2_logits_match_transformers(monkeypatch):
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
     # Same next-token predictions everywhere.
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.99
+
+
+@pytest.mark.slow
+def test_smollm2_wikitext_ppl_first_10_windows():
+    """Acceptance: transformers gives PPL 20.296 on the first 10 windows (MISSION.md)."""
+    model = jaxquant.load_model("smollm2-135m")
+    ids = jaxquant.tokenize(model.tokenizer, jaxquant.load_text(WIKI_TEST, "wikitext"))
+    assert len(ids) // 2048 == 147
+    windows = jaxquant.make_windows(ids, 2048, max_windows=10)
+    result = jaxquant.evaluate_perplexity(model.params, model.config, windows, progress=False)
+    assert abs(result.ppl - 20.296) <= 0.01, result.ppl

@@ -25,11 +25,12 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$|.*\.masked_bias$|.*attn\.bias$")
 
 def hf_name_to_path(name: str) -> str:
     """``model.layers.3.mlp.up_proj.weight`` -> ``layers.3.mlp.up_proj.weight``."""
-    return name[len("model."):] if name.startswith("model.") else name
+    return name[len("model.") :] if name.startswith("model.") else name
 
 
-def params_from_source(source: CheckpointSource, *, dtype: Any = jnp.float32,
-                       config: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
+def params_from_source(
+    source: CheckpointSource, *, dtype: Any = jnp.float32, config: ModelConfig | None = None
+) -> tuple[ModelConfig, Params]:
     """Reads every tensor of ``source`` into a parameter pytree of ``dtype``.
 
     Args:
@@ -51,12 +52,14 @@ def params_from_source(source: CheckpointSource, *, dtype: Any = jnp.float32,
                 continue
             raise CheckpointError(
                 f"{source.path}: unexpected tensor {name!r} for a {cfg.family} model with "
-                f"{cfg.num_layers} layers")
+                f"{cfg.num_layers} layers"
+            )
         want = expected[path].shape
         if tuple(array.shape) != tuple(want):
             raise CheckpointError(
                 f"{source.path}: tensor {name!r} has shape {tuple(array.shape)} but the config "
-                f"implies {tuple(want)}")
+                f"implies {tuple(want)}"
+            )
         host = np.asarray(array)
         if not np.isfinite(host.astype(np.float32) if host.dtype.itemsize < 4 else host).all():
             raise CheckpointError(f"{source.path}: tensor {name!r} contains NaN or Inf values")
@@ -65,7 +68,8 @@ def params_from_source(source: CheckpointSource, *, dtype: Any = jnp.float32,
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(
-            f"{source.path}: checkpoint lacks tensors {', '.join(missing[:5])}{more}")
+            f"{source.path}: checkpoint lacks tensors {', '.join(missing[:5])}{more}"
+        )
     return cfg, unflatten(out)
 
 
@@ -80,10 +84,12 @@ def check_params(params: Params, cfg: ModelConfig, *, where: str) -> None:
     if missing or extra:
         raise CheckpointError(
             f"{where}: parameters do not match the config (missing {missing[:3]}, "
-            f"unexpected {extra[:3]})")
+            f"unexpected {extra[:3]})"
+        )
     for path, leaf in got.items():
         shape = getattr(leaf, "shape", None)
         if isinstance(leaf, (np.ndarray, jax.Array)) and tuple(shape) != expected[path].shape:
             raise CheckpointError(
                 f"{where}: parameter {path} has shape {tuple(shape)}, config implies "
-                f"{expected[path].shape}")
+                f"{expected[path].shape}"
+            )

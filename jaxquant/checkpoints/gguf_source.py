@@ -5,7 +5,8 @@ tokenizer as metadata too, and tensors under llama.cpp's names, in llama.cpp's
 layout and possibly quantized. This module undoes all of that (see SOURCES.md):
 
 * metadata becomes a Hugging Face ``config.json``-style dict;
-* ``blk.N.attn_q.weight`` and friends get their Hugging Face names;
+* ``blk.N.attn_q.weight`` and friends get their Hugging Face names, from the
+  ``gguf`` package's per-architecture ``TensorNameMap``;
 * tensors come back in Hugging Face layout: GGUF lists dimensions innermost
   first, which the ``gguf`` package already reverses, so a linear weight is
   ``[out_features, in_features]``; quantized types are dequantized to float32;
@@ -14,8 +15,13 @@ layout and possibly quantized. This module undoes all of that (see SOURCES.md):
   Face's pairs the two halves of a head); that reordering is inverted;
 * for arch ``gemma3``, llama.cpp's converter stores every RMSNorm weight as
   ``w + 1`` (Gemma computes ``x * (1 + w)``); 1 is subtracted again;
-* the embedded tokenizer is rebuilt as a ``tokenizers.Tokenizer`` that encodes
-  exactly as ``transformers.AutoTokenizer.from_pretrained(dir, gguf_file=name)``.
+* the embedded tokenizer is rebuilt as a ``tokenizers.Tokenizer`` by transformers'
+  GGUF tokenizer converter, so it encodes exactly as
+  ``transformers.AutoTokenizer.from_pretrained(dir, gguf_file=name)``.
+
+Nothing here imports torch: transformers' ``load_gguf_checkpoint`` (its GGUF config
+reader) and its tensor name conversion need torch, so metadata and tensors are read
+with the ``gguf`` package.
 
 Only metadata is parsed up front; the file is memory-mapped and each tensor is
 dequantized when :meth:`CheckpointSource.tensors` reaches it.
@@ -23,6 +29,7 @@ dequantized when :meth:`CheckpointSource.tensors` reaches it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -33,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from jaxquant.checkpoints.source import CheckpointSource
-from jaxquant.errors import CheckpointError, ConfigError
+from jaxquant.errors import CheckpointError, ConfigError, one_line
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "read_gguf"]
 
@@ -55,43 +62,32 @@ _READ_ERRORS = (
     AttributeError,
 )
 
-# Per-block tensor names: GGUF leaf -> Hugging Face suffix under ``model.layers.N.``.
-_DECODER_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-}
-_BLOCK_NAMES = {
-    "llama": {**_DECODER_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
-    "qwen2": {**_DECODER_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
-    "qwen3": {**_DECODER_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
-    # Gemma 3 has four norms per block; llama.cpp's FFN_PRE_NORM is also "ffn_norm".
-    "gemma3": {
-        **_DECODER_BLOCK_NAMES,
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+# Hugging Face modules of the model and of a decoder layer (under ``model.layers.N.``).
+# gguf's per-architecture ``TensorNameMap`` (the table llama.cpp's converter names
+# tensors with) gives each its GGUF name, or None where the architecture has no such
+# tensor (Llama has no q_norm; Gemma 3 stores post_attention_layernorm as
+# ``post_attention_norm`` and pre_feedforward_layernorm as ``ffn_norm``).
+_MODEL_MODULES = ("model.embed_tokens", "model.norm", "lm_head")
+_LAYER_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "self_attn.q_norm",
+    "self_attn.k_norm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 # Auxiliary tensors llama.cpp computes at conversion time; no Hugging Face weight holds
 # them. ``rope_freqs`` (Llama 3 RoPE scaling factors) is turned into ``rope_scaling``;
 # ``attn_rot_embd`` (old files) is a RoPE cache.
 _ROPE_FREQS = "rope_freqs.weight"
-_SKIPPED_BLOCK_LEAVES = ("attn_rot_embd",)
-
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)$")
+_SKIPPED_RE = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.(weight|bias)")
 
 _HF_ARCH = {
     "llama": ("llama", "LlamaForCausalLM"),
@@ -99,61 +95,6 @@ _HF_ARCH = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
-
-# Split regexes transformers uses for a byte-level BPE vocabulary, by
-# ``tokenizer.ggml.pre`` (transformers/integrations/gguf/gguf_tokenizer_mapping.py).
-# Any other value (``smollm``, ``gpt2``, ``default``, ...) gets GPT-2's ByteLevel
-# pre-tokenizer with its built-in regex, as transformers does.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_BYTE_LEVEL_SPLITS = {
-    **dict.fromkeys(
-        (
-            "llama3",
-            "llama-v3",
-            "llama-bpe",
-            "falcon3",
-            "falcon-h1",
-            "pixtral",
-            "midm-2.0",
-            "lfm2",
-            "jina-v5-nano",
-            "dbrx",
-            "smaug-bpe",
-        ),
-        _LLAMA3_SPLIT,
-    ),
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
-}
-
-# llama.cpp token types (tokenizer.ggml.token_type).
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -185,7 +126,7 @@ def _open_reader(path: str) -> Any:
         reader = gguf.GGUFReader(path, "r")
     except _READ_ERRORS as e:
         raise CheckpointError(
-            f"{path}: truncated or malformed GGUF file ({type(e).__name__}: {_one_line(e)})"
+            f"{path}: truncated or malformed GGUF file ({type(e).__name__}: {one_line(e)})"
         ) from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from e
@@ -203,11 +144,6 @@ def _open_reader(path: str) -> Any:
     return reader
 
 
-def _one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _metadata(reader: Any, path: str) -> dict[str, Any]:
     """All key/value metadata as Python values (strings, numbers, bools, lists)."""
     out: dict[str, Any] = {}
@@ -218,7 +154,7 @@ def _metadata(reader: Any, path: str) -> dict[str, Any]:
             out[key] = field.contents()
         except _READ_ERRORS as e:
             raise CheckpointError(
-                f"{path}: malformed GGUF metadata value {key!r} ({_one_line(e)})"
+                f"{path}: malformed GGUF metadata value {key!r} ({one_line(e)})"
             ) from e
     return out
 
@@ -241,6 +177,12 @@ def _hf_config(
     path: str,
 ) -> dict[str, Any]:
     """Translates GGUF metadata into a Hugging Face config.json-style dict.
+
+    Not delegated to transformers: its GGUF config reader (``load_gguf_checkpoint``)
+    imports and needs torch, and its key table (``GGUF_CONFIG_MAPPING``) is a bare
+    rename that leaves out what this reader derives and checks: head_dim (qwen3 has no
+    entry for it), vocab size from the embedding, RoPE scaling, Gemma 3's sliding
+    window layout, float32 values as config.json spells them.
 
     Args:
       arch: ``general.architecture``.
@@ -478,26 +420,20 @@ def _llama3_factors(inv_freq: np.ndarray, p: dict[str, Any]) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def _hf_name(arch: str, gguf_name: str, n_layers: int) -> str | None:
-    """The Hugging Face name of a GGUF tensor, None for skipped auxiliary tensors.
+def _name_map(arch: str, n_layers: int) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face name, for every tensor a model of ``arch`` may hold."""
+    import gguf
 
-    Raises:
-      KeyError: The name is not one this reader knows.
-    """
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    if gguf_name == _ROPE_FREQS:
-        return None
-    m = _BLOCK_RE.match(gguf_name)
-    if m is None:
-        raise KeyError(gguf_name)
-    layer, leaf, kind = int(m.group(1)), m.group(2), m.group(3)
-    if leaf in _SKIPPED_BLOCK_LEAVES:
-        return None
-    hf_leaf = _BLOCK_NAMES[arch].get(leaf)
-    if hf_leaf is None or layer >= n_layers:
-        raise KeyError(gguf_name)
-    return f"model.layers.{layer}.{hf_leaf}.{kind}"
+    gguf_arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    gguf_names = gguf.get_tensor_name_map(gguf_arch, n_layers)
+    modules = [*_MODEL_MODULES]
+    modules += [f"model.layers.{i}.{m}" for i in range(n_layers) for m in _LAYER_MODULES]
+    out = {}
+    for module in modules:
+        if (gguf_name := gguf_names.get_name(module)) is not None:
+            out[f"{gguf_name}.weight"] = f"{module}.weight"
+            out[f"{gguf_name}.bias"] = f"{module}.bias"
+    return out
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -542,75 +478,51 @@ def _dequantize(tensor: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _tokenizer(md: dict[str, Any], arch: str, path: str) -> Any | None:
     """A ``tokenizers.Tokenizer`` from ``tokenizer.ggml.*`` metadata, or None if absent.
 
-    Mirrors what transformers builds for ``AutoTokenizer.from_pretrained(dir,
-    gguf_file=name)`` (transformers/integrations/gguf/gguf_tokenizer_mapping.py):
+    The tokenizer model (vocabulary, merges, split regex, normalizer, decoder, control
+    and user-defined tokens) is built by transformers' own GGUF converter,
+    ``convert_gguf_tokenizer``, the one ``AutoTokenizer.from_pretrained(dir,
+    gguf_file=name)`` uses (it needs no torch). What transformers' tokenizer classes
+    add on top is done here:
 
-    * ``tokenizer.ggml.model == "gpt2"``: byte-level BPE with the split regex
-      transformers picks from ``tokenizer.ggml.pre`` (GPT-2's own regex for values it
-      does not list, such as SmolLM2's ``smollm``); BOS only if
-      ``tokenizer.ggml.add_bos_token`` is true.
-    * ``"llama"`` (SentencePiece BPE): merges from the file, or recovered from the
-      vocabulary and scores; Metaspace with a prefix space on the first word, byte
-      fallback; for Gemma 3, Gemma's variant (spaces normalized to U+2581, no prefix
-      space, whitespace-only tokens respelled, merges ordered by vocabulary position).
-      BOS unless ``add_bos_token`` is false.
-
-    Control tokens become special added tokens, user-defined ones plain added tokens.
+    * the file's BOS/EOS/UNK/PAD tokens become special tokens (those in the
+      vocabulary only: default special tokens of the tokenizer class that the
+      vocabulary lacks, which transformers appends past the embedding matrix, are
+      dropped);
+    * BOS (EOS) is prepended (appended) as ``tokenizer.ggml.add_bos_token``
+      (``add_eos_token``) say; without the flag, BOS for a SentencePiece
+      vocabulary (``tokenizer.ggml.model == "llama"``), as llama.cpp does.
 
     Raises:
-      CheckpointError: The tokenizer model type is not supported.
+      CheckpointError: The tokenizer model type is not supported, or its metadata
+        is incomplete or inconsistent.
     """
     tokens = md.get("tokenizer.ggml.tokens")
     if not tokens:
         return None
-    kind = md.get("tokenizer.ggml.model")
-    if kind == "gpt2":
-        tok, vocab, control_ok, class_specials = _byte_level_bpe(md, tokens, path)
-        add_bos_default = False
-    elif kind == "llama":
-        tok, vocab, control_ok, class_specials = _sentencepiece_bpe(md, tokens, arch, path)
-        add_bos_default = True
-    else:
-        raise CheckpointError(
-            f"{path}: embedded tokenizer of type {kind!r} is not supported (supported: "
-            "'gpt2' (byte-level BPE), 'llama' (SentencePiece BPE))"
-        )
-    from tokenizers import AddedToken, processors
+    from tokenizers import AddedToken, Tokenizer, processors
 
-    types = md.get("tokenizer.ggml.token_type") or []
-    control = [
-        AddedToken(t, normalized=False, special=True)
-        for t, ty in zip(tokens, types, strict=False)
-        if ty == _TOKEN_CONTROL and control_ok(t)
-    ]
-    if control:
-        tok.add_special_tokens(control)
-    user = [
-        AddedToken(t, normalized=False, special=False)
-        for t, ty in zip(tokens, types, strict=False)
-        if ty == _TOKEN_USER_DEFINED and t in vocab
-    ]
-    if user:
-        tok.add_tokens(user)
+    try:
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:  # transformers before the integrations.gguf package
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    renames = {
+        f"tokenizer.{key}": name for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+    }
+    fields = {name: md[key] for key, name in renames.items() if key in md}
+    try:
+        tok, _ = convert_gguf_tokenizer(arch, fields)
+    except KeyError as e:  # a field this tokenizer type needs is absent
+        gguf_key = next((k for k, name in renames.items() if name == e.args[0]), e.args[0])
+        raise CheckpointError(f"{path}: GGUF tokenizer metadata lacks {gguf_key!r}") from e
+
+    if tok.get_vocab_size() > len(tokens):  # class defaults appended past the vocabulary
+        spec = json.loads(tok.to_str())
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < len(tokens)]
+        tok = Tokenizer.from_str(json.dumps(spec))
 
     def special(key: str) -> str | None:
         index = md.get(f"tokenizer.ggml.{key}")
@@ -618,22 +530,15 @@ def _tokenizer(md: dict[str, Any], arch: str, path: str) -> Any | None:
             return None
         return tokens[int(index)]
 
-    named = {
-        "bos": special("bos_token_id"),
-        "eos": special("eos_token_id"),
-        "unk": special("unknown_token_id"),
-        "pad": special("padding_token_id"),
-    }
-    # transformers also registers its tokenizer class's default special tokens; only
-    # those the vocabulary has are added here (it would append missing ones past the
-    # embedding matrix).
+    bos, eos = special("bos_token_id"), special("eos_token_id")
+    named = [bos, eos, special("unknown_token_id"), special("padding_token_id")]
     present = {str(t.content) for t in tok.get_added_tokens_decoder().values()}
-    wanted = [*class_specials, *named.values()]
-    extra = [t for t in dict.fromkeys(wanted) if t is not None and t not in present and t in vocab]
+    vocab = tok.get_vocab(with_added_tokens=False)
+    extra = [t for t in dict.fromkeys(named) if t is not None and t not in present and t in vocab]
     if extra:
         tok.add_special_tokens([AddedToken(t, special=True) for t in extra])
 
-    bos, eos = named["bos"], named["eos"]
+    add_bos_default = md.get("tokenizer.ggml.model") == "llama"
     add_bos = bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
     add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
@@ -649,125 +554,6 @@ def _tokenizer(md: dict[str, Any], arch: str, path: str) -> Any | None:
         single=single, pair=pair, special_tokens=specials
     )
     return tok
-
-
-def _file_merges(md: dict[str, Any], path: str) -> list[tuple[str, ...]] | None:
-    """``tokenizer.ggml.merges`` as pairs, or None if the file has none."""
-    raw = md.get("tokenizer.ggml.merges")
-    if raw is None:
-        return None
-    merges = [tuple(m.split(" ")) for m in raw]
-    bad = [m for m in merges if len(m) != 2]
-    if bad:
-        raise CheckpointError(f"{path}: malformed tokenizer merge {' '.join(bad[0])!r}")
-    return merges
-
-
-def _byte_level_bpe(
-    md: dict[str, Any], tokens: list[str], path: str
-) -> tuple[Any, dict[str, int], Callable[[str], bool], tuple[str, ...]]:
-    """GPT-2 style byte-level BPE (``tokenizer.ggml.model == "gpt2"``)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-    vocab: dict[str, int] = {}
-    for index, token in enumerate(tokens):
-        if not set(token) <= spelled:  # stored as plain text: respell byte-wise
-            token = "".join(alphabet[b] for b in token.encode("utf-8"))
-        vocab[token] = index
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=_file_merges(md, path) or [],
-            dropout=None,
-            continuing_subword_prefix="",
-            end_of_word_suffix="",
-            fuse_unk=False,
-        )
-    )
-    split = _BYTE_LEVEL_SPLITS.get(md.get("tokenizer.ggml.pre"))
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    tok.decoder = decoders.ByteLevel()
-    # A control token spelled outside the byte alphabet is a llama.cpp mislabel;
-    # transformers keeps it an ordinary (respelled) vocabulary entry.
-    return tok, vocab, lambda t: set(t) <= spelled, ("<|endoftext|>",)
-
-
-def _sentencepiece_bpe(
-    md: dict[str, Any], tokens: list[str], arch: str, path: str
-) -> tuple[Any, dict[str, int], Callable[[str], bool], tuple[str, ...]]:
-    """SentencePiece BPE (``tokenizer.ggml.model == "llama"``), Llama or Gemma style."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    gemma = arch == "gemma3"
-    if gemma:  # whitespace-only pieces are stored as spaces; Gemma looks them up as U+2581
-        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = _file_merges(md, path)
-    if merges is None:
-        if gemma:  # Gemma's scores do not follow its merge order; file order does
-            ranks = {t: float(-i) for i, t in enumerate(tokens)}
-        else:
-            scores = md.get("tokenizer.ggml.scores")
-            if scores is None or len(scores) != len(tokens):
-                raise CheckpointError(
-                    f"{path}: SentencePiece tokenizer has neither merges nor one score per token"
-                )
-            ranks = dict(zip(tokens, (float(x) for x in scores), strict=True))
-        merges = _merges_from_scores(vocab, ranks)
-    tok = Tokenizer(
-        models.BPE(
-            vocab=vocab,
-            merges=merges,
-            fuse_unk=True,
-            byte_fallback=True,
-            dropout=None,
-            unk_token="<unk>" if gemma else None,
-        )
-    )
-    pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if gemma:
-        tok.normalizer = normalizers.Replace(" ", "\u2581")
-        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-        tok.decoder = decoders.Sequence(pieces)
-        class_specials: tuple[str, ...] = ("<unk>", "<bos>", "<eos>", "<pad>", "<mask>")
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(
-            replacement="\u2581", prepend_scheme="first", split=False
-        )
-        tok.decoder = decoders.Sequence([*pieces, decoders.Strip(" ", 1, 0)])
-        class_specials = ("<unk>", "<s>", "</s>")
-    return tok, vocab, lambda t: True, class_specials
-
-
-def _merges_from_scores(vocab: dict[str, int], ranks: dict[str, float]) -> list[tuple[str, str]]:
-    """BPE merges implied by a SentencePiece vocabulary, best first.
-
-    Every split of a piece into two pieces of the vocabulary is a merge, ranked by the
-    piece's score, then by the lengths of its two halves (longer first); splits of one
-    piece are ordered by their halves' ids. This is the order transformers derives
-    (``generate_merges``), so both tokenize alike.
-    """
-    found: list[tuple[str, str, float]] = []
-    for piece, score in ranks.items():
-        local = [
-            (piece[:i], piece[i:], score)
-            for i in range(1, len(piece))
-            if piece[:i] in vocab and piece[i:] in vocab
-        ]
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        found.extend(local)
-    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in found]
 
 
 # --------------------------------------------------------------------------------------
@@ -812,7 +598,7 @@ def read_gguf(path: str | os.PathLike[str]) -> CheckpointSource:
     try:
         config = _hf_config(arch, md, shapes, path_str)
     except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise ConfigError(f"{path_str}: malformed GGUF model metadata ({_one_line(e)})") from e
+        raise ConfigError(f"{path_str}: malformed GGUF model metadata ({one_line(e)})") from e
 
     if _ROPE_FREQS in by_name:
         if arch != "llama":
@@ -825,17 +611,15 @@ def read_gguf(path: str | os.PathLike[str]) -> CheckpointSource:
             _dequantize(by_name[_ROPE_FREQS]), config["rope_theta"], config["head_dim"], path_str
         )
 
-    n_layers = config["num_hidden_layers"]
+    names = _name_map(arch, config["num_hidden_layers"])
     plan: list[tuple[str, str, Callable[[np.ndarray], np.ndarray] | None]] = []
     unknown: list[str] = []
     for tensor in reader.tensors:
-        try:
-            hf_name = _hf_name(arch, tensor.name, n_layers)
-        except KeyError:
-            unknown.append(tensor.name)
-            continue
-        if hf_name is not None:
+        if tensor.name in names:
+            hf_name = names[tensor.name]
             plan.append((tensor.name, hf_name, _transform(arch, hf_name, config)))
+        elif not _SKIPPED_RE.fullmatch(tensor.name):
+            unknown.append(tensor.name)
     if unknown:
         shown = ", ".join(unknown[:5]) + (
             f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
@@ -843,16 +627,27 @@ def read_gguf(path: str | os.PathLike[str]) -> CheckpointSource:
         raise CheckpointError(
             f"{path_str}: GGUF tensors this reader does not know for arch {arch}: {shown}"
         )
-    _check_complete(arch, [h for _, h, _ in plan], config, path_str)
+    # Every weight the architecture has except lm_head (absent when tied) is required.
+    have = {h for _, h, _ in plan}
+    missing = [
+        h
+        for h in names.values()
+        if h.endswith(".weight") and h != "lm_head.weight" and h not in have
+    ]
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        )
+        raise CheckpointError(f"{path_str}: GGUF file lacks tensors: {shown}")
     _check_attention_shapes(plan, shapes, config, path_str)
 
     try:
         tokenizer = _tokenizer(md, arch, path_str)
     except CheckpointError:
         raise
-    except Exception as e:  # tokenizers raises bare Exceptions for inconsistent vocabularies
+    except Exception as e:  # ValueError (unsupported type), tokenizers' bare Exceptions, ...
         raise CheckpointError(
-            f"{path_str}: cannot build the embedded tokenizer ({_one_line(e)})"
+            f"{path_str}: cannot build the embedded tokenizer ({one_line(e)})"
         ) from e
 
     def read() -> Iterator[tuple[str, np.ndarray]]:
@@ -865,11 +660,11 @@ def read_gguf(path: str | os.PathLike[str]) -> CheckpointSource:
             except NotImplementedError as e:
                 raise CheckpointError(
                     f"{path_str}: tensor {gguf_name!r} has type {tensor.tensor_type.name}, "
-                    f"which cannot be dequantized ({_one_line(e)})"
+                    f"which cannot be dequantized ({one_line(e)})"
                 ) from e
             except _READ_ERRORS as e:
                 raise CheckpointError(
-                    f"{path_str}: cannot read tensor {gguf_name!r} ({_one_line(e)})"
+                    f"{path_str}: cannot read tensor {gguf_name!r} ({one_line(e)})"
                 ) from e
             yield hf_name, array
 
@@ -897,29 +692,6 @@ def _transform(
     if arch == "gemma3" and hf_name.endswith("norm.weight"):
         return lambda w: w.astype(np.float32) - np.float32(1.0)
     return None
-
-
-def _check_complete(arch: str, names: Sequence[str], config: dict[str, Any], path: str) -> None:
-    """Raises CheckpointError if a tensor every model of ``arch`` has is missing."""
-    have = set(names)
-    needed = ["model.embed_tokens.weight", "model.norm.weight"]
-    leaves = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    mlp = ["gate_proj", "up_proj", "down_proj"]
-    norms = ["input_layernorm", "post_attention_layernorm"]
-    if arch == "gemma3":
-        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-    for i in range(config["num_hidden_layers"]):
-        needed += [f"model.layers.{i}.self_attn.{leaf}.weight" for leaf in leaves]
-        needed += [f"model.layers.{i}.mlp.{leaf}.weight" for leaf in mlp]
-        needed += [f"model.layers.{i}.{norm}.weight" for norm in norms]
-        if arch in ("qwen3", "gemma3"):
-            needed += [f"model.layers.{i}.self_attn.{n}.weight" for n in ("q_norm", "k_norm")]
-    missing = [n for n in needed if n not in have]
-    if missing:
-        shown = ", ".join(missing[:3]) + (
-            f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        )
-        raise CheckpointError(f"{path}: GGUF file lacks tensors: {shown}")
 
 
 def _check_attention_shapes(

@@ -10,10 +10,12 @@ order:
 4. ``flax_model.msgpack.index.json`` with its ``flax_model-0000N-of-0000M.msgpack``
    shards.
 
-Safetensors files are read lazily, one tensor at a time, so peak host memory stays
-near one tensor plus what the converter keeps. Every header is checked when the
-directory is read (before any data is streamed): a file shorter than its header
-says (a truncated download) is reported at once.
+Safetensors files are read lazily with ``safetensors.safe_open``, one tensor at a
+time, so peak host memory stays near one tensor plus what the converter keeps.
+bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays; float8 ones are not
+supported. Every file is opened when the directory is read (before any data is
+streamed), so safetensors' own header checks report a malformed header or a file
+shorter than its header says (a truncated download) at once.
 
 Flax msgpack files cannot be read piecewise: ``flax.serialization.msgpack_restore``
 decodes a whole file at once, so reading one needs about twice the file's size in
@@ -40,23 +42,20 @@ model's settings are under its ``text_config`` key.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-import struct
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for safetensors)
 import numpy as np
 from flax import serialization
 from safetensors import safe_open
 
 from jaxquant.checkpoints.source import CheckpointSource
 from jaxquant.checkpoints.tokenizer import load_tokenizer
-from jaxquant.errors import CheckpointError, ConfigError
+from jaxquant.errors import CheckpointError, ConfigError, one_line
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -89,36 +88,6 @@ _SKIPPED_PREFIXES = (
     "model.vision_tower.",
     "model.multi_modal_projector.",
 )
-
-# safetensors caps headers at 100 MB; a larger length means a corrupt file.
-_MAX_HEADER_BYTES = 100_000_000
-
-# Safetensors dtype codes and their numpy dtypes (little endian), used to check
-# header entries and to read tensors whose dtype the installed safetensors' numpy
-# backend cannot represent (bfloat16 in old versions, float8).
-_SAFETENSORS_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype("u1"),
-    "I8": np.dtype("i1"),
-    "U16": np.dtype("<u2"),
-    "I16": np.dtype("<i2"),
-    "U32": np.dtype("<u4"),
-    "I32": np.dtype("<i4"),
-    "U64": np.dtype("<u8"),
-    "I64": np.dtype("<i8"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
-
-
-def _one_line(exc: BaseException) -> str:
-    """Returns ``exc``'s message on a single line (its type name if it has none)."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def hf_name(stored_name: str) -> str | None:
@@ -162,9 +131,9 @@ def _read_config(directory: str) -> dict[str, Any]:
         with open(file, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{file} is not valid UTF-8 text: {_one_line(e)}") from e
+        raise ConfigError(f"{file} is not valid UTF-8 text: {one_line(e)}") from e
     except OSError as e:
-        raise CheckpointError(f"cannot read {file}: {e.strerror or _one_line(e)}") from e
+        raise CheckpointError(f"cannot read {file}: {e.strerror or one_line(e)}") from e
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
@@ -186,7 +155,7 @@ def _read_weight_map(index_file: str) -> dict[str, str]:
             f"{index_file} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from e
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {index_file}: {_one_line(e)}") from e
+        raise CheckpointError(f"cannot read {index_file}: {one_line(e)}") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_file} has no weight_map (tensor name -> shard file)")
@@ -224,124 +193,28 @@ def _shard_files(
 # safetensors
 
 
-@dataclasses.dataclass(frozen=True)
-class _TensorInfo:
-    """Where one tensor lies in a safetensors file."""
-
-    dtype: str  # safetensors dtype code, e.g. "BF16"
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offsets in the file
-    end: int
-
-
 def _corrupt(file: str, reason: str) -> CheckpointError:
     return CheckpointError(f"{file} is truncated or corrupt: {reason}")
 
 
-def _read_safetensors_header(file: str) -> dict[str, _TensorInfo]:
-    """Reads and checks the header of a safetensors file.
+def _open_safetensors(file: str) -> Any:
+    """Opens ``file`` with ``safetensors.safe_open`` for numpy, wrapping its errors.
 
-    Checks that the header is well formed and that the file is long enough to hold
-    every tensor the header describes, so truncation is found before any tensor is
-    read.
-
-    Args:
-      file: Path of the ``.safetensors`` file.
-
-    Returns:
-      Stored tensor name -> location, in the order of the tensors' data in the file.
-
-    Raises:
-      CheckpointError: The file cannot be read, or is truncated or corrupt.
+    safetensors checks the whole header when it opens a file: a malformed header, an
+    entry whose byte range does not fit its dtype and shape, or a file shorter (or
+    longer) than the header says (a truncated download) is rejected here.
     """
     try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _corrupt(file, f"{size} bytes is too short for a safetensors header")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-                raise _corrupt(
-                    file, f"header length {header_len} does not fit the file's {size} bytes"
-                )
-            raw = f.read(header_len)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {file}: {e.strerror or _one_line(e)}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(file, f"header is not valid JSON ({_one_line(e)})") from e
-    if not isinstance(header, dict):
-        raise _corrupt(file, "header is not a JSON object")
-    data_start = 8 + header_len
-    infos = {}
-    max_end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (TypeError, KeyError, ValueError) as e:
-            raise _corrupt(file, f"header entry for {name!r} is malformed") from e
-        if not isinstance(dtype, str) or begin < 0 or end < begin or min(shape, default=0) < 0:
-            raise _corrupt(file, f"header entry for {name!r} is malformed")
-        np_dtype = _SAFETENSORS_DTYPES.get(dtype)
-        if np_dtype is not None and math.prod(shape) * np_dtype.itemsize != end - begin:
-            raise _corrupt(
-                file,
-                f"header gives {name!r} {end - begin} bytes, which does not match "
-                f"{dtype} of shape {list(shape)}",
-            )
-        infos[name] = _TensorInfo(dtype, shape, data_start + begin, data_start + end)
-        max_end = max(max_end, end)
-    if data_start + max_end > size:
-        raise _corrupt(
-            file,
-            f"header describes {data_start + max_end} bytes but the file has only {size}",
-        )
-    return dict(sorted(infos.items(), key=lambda item: item[1].begin))
-
-
-def _open_safetensors(file: str) -> Any:
-    """Opens ``file`` with ``safetensors.safe_open`` for numpy, wrapping its errors."""
-    try:
         return safe_open(file, framework="np")
-    except Exception as e:  # SafetensorError, OSError, ...
-        raise _corrupt(file, _one_line(e)) from e
-
-
-def _read_raw(file: str, info: _TensorInfo) -> np.ndarray:
-    """Reads one tensor's bytes directly, for dtypes safetensors' numpy cannot give."""
-    dtype = _SAFETENSORS_DTYPES.get(info.dtype)
-    if dtype is None:
-        raise CheckpointError(f"{file}: unsupported safetensors dtype {info.dtype}")
-    with open(file, "rb") as f:
-        f.seek(info.begin)
-        data = f.read(info.end - info.begin)
-    if len(data) != info.end - info.begin:
-        raise _corrupt(file, "file ended while reading tensor data")
-    return np.frombuffer(data, dtype=dtype).reshape(info.shape).copy()
-
-
-def _read_tensor(handle: Any, file: str, stored: str, info: _TensorInfo) -> np.ndarray:
-    """Reads one tensor through ``handle``, falling back to a raw read for its dtype."""
-    try:
-        return handle.get_tensor(stored)
-    except Exception as e:  # e.g. numpy has no float8 dtype in older safetensors
-        if info.dtype not in ("BF16", "F8_E4M3", "F8_E5M2"):
-            raise _corrupt(file, f"cannot read tensor {stored!r}: {_one_line(e)}") from e
-    try:
-        return _read_raw(file, info)
     except OSError as e:
-        raise CheckpointError(f"cannot read {file}: {e.strerror or _one_line(e)}") from e
+        raise CheckpointError(f"cannot read {file}: {e.strerror or one_line(e)}") from e
+    except Exception as e:  # SafetensorError
+        raise _corrupt(file, one_line(e)) from e
 
 
 def _plan_safetensors(
     files: dict[str, set[str] | None], index_file: str | None
-) -> tuple[list[tuple[str, list[tuple[str, str, _TensorInfo]]]], tuple[str, ...]]:
+) -> tuple[list[tuple[str, list[tuple[str, str]]]], tuple[str, ...]]:
     """Checks every file's header and lists what to read from each.
 
     Args:
@@ -350,45 +223,57 @@ def _plan_safetensors(
       index_file: The index, for messages; ``None`` for a single file.
 
     Returns:
-      ``[(file, [(hf_name, stored_name, info), ...]), ...]`` and all Hugging Face
-      names, in reading order.
+      ``[(file, [(hf_name, stored_name), ...]), ...]`` and all Hugging Face names,
+      in reading order (each file's tensors in the order of their data).
     """
     plan = []
     names: dict[str, str] = {}
     for file, wanted in files.items():
-        infos = _read_safetensors_header(file)
-        # Let safetensors check the header too, before anything is streamed.
-        with _open_safetensors(file):
-            pass
+        with _open_safetensors(file) as handle:
+            stored_names = handle.offset_keys()
+            for stored in stored_names:
+                dtype = handle.get_slice(stored).get_dtype()
+                if dtype.startswith(("F8", "F6", "F4")):  # no numpy dtype to read them as
+                    raise CheckpointError(
+                        f"{file}: tensor {stored!r} is {dtype}; float8 safetensors are not "
+                        "supported (convert the checkpoint to bfloat16 first)"
+                    )
         if wanted is not None:
-            missing = sorted(wanted - infos.keys())
+            missing = sorted(wanted - set(stored_names))
             if missing:
                 raise CheckpointError(
                     f"{index_file} maps {missing[0]!r} to {os.path.basename(file)}, "
                     "which has no such tensor"
                 )
-            infos = {n: i for n, i in infos.items() if n in wanted}
+            stored_names = [n for n in stored_names if n in wanted]
         entries = []
-        for stored, info in infos.items():
+        for stored in stored_names:
             name = hf_name(stored)
             if name is None:
                 continue
             _add_name(names, name, stored, file)
-            entries.append((name, stored, info))
+            entries.append((name, stored))
         plan.append((file, entries))
     return plan, tuple(names)
 
 
 def _stream_safetensors(
-    plan: list[tuple[str, list[tuple[str, str, _TensorInfo]]]],
+    plan: list[tuple[str, list[tuple[str, str]]]],
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields ``(hf_name, array)`` for every planned tensor, one at a time."""
+    """Yields ``(hf_name, array)`` for every planned tensor, one at a time.
+
+    bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays.
+    """
     for file, entries in plan:
         if not entries:
             continue
         with _open_safetensors(file) as handle:
-            for name, stored, info in entries:
-                yield name, _read_tensor(handle, file, stored, info)
+            for name, stored in entries:
+                try:
+                    array = handle.get_tensor(stored)
+                except Exception as e:
+                    raise _corrupt(file, f"cannot read tensor {stored!r}: {one_line(e)}") from e
+                yield name, array
 
 
 # ---------------------------------------------------------------------------
@@ -401,11 +286,11 @@ def _restore_msgpack(file: str) -> dict[str, Any]:
         with open(file, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise CheckpointError(f"cannot read {file}: {e.strerror or _one_line(e)}") from e
+        raise CheckpointError(f"cannot read {file}: {e.strerror or one_line(e)}") from e
     try:
         tree = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises ValueError, FormatError, ExtraData, ...
-        raise _corrupt(file, _one_line(e)) from e
+        raise _corrupt(file, one_line(e)) from e
     del data
     if not isinstance(tree, dict):
         raise _corrupt(file, f"expected a dict of parameters, found {type(tree).__name__}")

@@ -7,6 +7,7 @@ from typing import Any
 
 from jaxquant.checkpoints import jq_checkpoint
 from jaxquant.checkpoints.load import open_source, resolve
+from jaxquant.errors import CheckpointError, ConfigError
 from jaxquant.models.config import ModelConfig, from_hf_config
 
 
@@ -21,7 +22,10 @@ def model_info(spec: str) -> dict[str, Any]:
     path = resolve(spec)
     if path.is_dir() and jq_checkpoint.is_checkpoint(path):
         meta = jq_checkpoint.read_metadata(path)
-        cfg = ModelConfig.from_dict(meta["config"])
+        try:
+            cfg = ModelConfig.from_dict(meta["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from e
         fmt, extra = "jaxquant", {"dtypes": ", ".join(meta.get("dtypes", []))}
     else:
         source = open_source(spec)

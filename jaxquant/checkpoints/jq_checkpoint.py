@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxquant.errors import CheckpointError, OutputExistsError
+from jaxquant.errors import CheckpointError, ConfigError, OutputExistsError, one_line
 from jaxquant.models.config import ModelConfig
 
 MARKER = "jaxquant.json"
@@ -81,16 +81,28 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def save_checkpoint(out: str | Path, *, config: ModelConfig, params: Any, tokenizer: Any = None,
-                    metadata: Mapping[str, Any] | None = None, force: bool = False) -> Path:
+def save_checkpoint(
+    out: str | Path,
+    *,
+    config: ModelConfig,
+    params: Any,
+    tokenizer: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
     """Writes a jaxquant checkpoint to ``out`` atomically; returns its path."""
     with atomic_output_dir(out, force=force) as tmp:
         ckptr = _checkpointer()
         ckptr.save(tmp / "params", _str_keys(params))
         ckptr.wait_until_finished()
         dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)})
-        info = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
-                "dtypes": dtypes, **dict(metadata or {})}
+        info = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config.to_dict(),
+            "dtypes": dtypes,
+            **dict(metadata or {}),
+        }
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.to_str())
@@ -106,9 +118,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{marker} is unreadable: {e}") from e
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"{marker} is not a jaxquant checkpoint marker")
+    if not isinstance(info.get("config"), dict):
+        raise CheckpointError(f"{marker} has no model config")
     if info.get("version", 0) > VERSION:
         raise CheckpointError(
-            f"{path} was written by a newer jaxquant (format version {info['version']})")
+            f"{path} was written by a newer jaxquant (format version {info['version']})"
+        )
     return info
 
 
@@ -118,11 +133,14 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, Any, Any, dict[str, 
 
     path = Path(path).absolute()
     info = read_metadata(path)
-    config = ModelConfig.from_dict(info["config"])
+    try:
+        config = ModelConfig.from_dict(info["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     try:
         params = _checkpointer().restore(path / "params")
     except Exception as e:  # Orbax raises many types for damaged files
-        raise CheckpointError(f"{path}/params cannot be restored: {e}") from e
+        raise CheckpointError(f"{path}/params cannot be restored: {one_line(e)}") from e
     params = _int_keys(params)
     from jaxquant.checkpoints.convert import check_params
 

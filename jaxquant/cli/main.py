@@ -15,25 +15,40 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxquant.errors import JaxquantError, OutputExistsError
+from jaxquant.errors import DataError, JaxquantError, OutputExistsError
 
 MODEL_HELP = ("smollm2-135m (embedded), a Hugging Face model directory, a .gguf file, "
               "or a jaxquant checkpoint directory")
 
 
-def write_json(path: str | Path, obj: Any, *, force: bool) -> None:
-    """Writes ``obj`` as JSON to ``path`` atomically; refuses to replace without ``force``."""
+def check_output(path: str | Path, *, force: bool) -> Path:
+    """Checks before any work that ``path`` can be written: refuses to replace it without
+    ``force``, and fails early when a parent is a file."""
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"output {path} exists; pass --force to replace it")
-    if path.exists() and path.is_dir():
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputExistsError(f"output {path}: {parent} is not a directory")
+            break
+    return path
+
+
+def write_json(path: str | Path, obj: Any, *, force: bool) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically; refuses to replace without ``force``."""
+    path = check_output(path, force=force)
+    if path.is_dir():
         raise OutputExistsError(f"output {path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(obj, f, indent=2, allow_nan=False)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -68,16 +83,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jaxquant.eval import evaluate_perplexity
 
     resolve(args.model)
-    if args.json and Path(args.json).exists() and not args.force:
-        raise OutputExistsError(f"output {args.json} exists; pass --force to replace it")
+    if args.json:
+        check_output(args.json, force=args.force)
     data = args.data or DEMO_CORPUS
     fmt = args.data_format or ("plain" if data == DEMO_CORPUS else "wikitext")
     text = load_text(data, fmt)
     model = load_model(args.model, dtype=args.dtype)
     ids = tokenize(model.tokenizer, text)
+    if len(ids) and int(ids.max()) >= model.config.vocab_size:
+        raise DataError(f"the tokenizer produced id {int(ids.max())}, but the model has only "
+                        f"{model.config.vocab_size} embeddings: tokenizer and model do not match")
     windows = make_windows(ids, args.seq_len, args.max_windows)
-    result = evaluate_perplexity(model.params, model.config, windows,
-                                 batch_size=args.batch_size, progress=not args.quiet)
+    try:
+        result = evaluate_perplexity(model.params, model.config, windows,
+                                     batch_size=args.batch_size, progress=not args.quiet)
+    except FloatingPointError as e:
+        raise JaxquantError(f"{args.model} in {args.dtype}: {e}") from e
     report = {
         "model": args.model, "data": str(data), "data_format": fmt, "dtype": args.dtype,
         **result.to_dict(),
@@ -100,9 +121,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from jaxquant.checkpoints.load import load_model, resolve
 
     resolve(args.model)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise OutputExistsError(f"output {out} exists; pass --force to replace it")
+    out = check_output(args.out, force=args.force)
     model = load_model(args.model, dtype=args.dtype)
     save_checkpoint(out, config=model.config, params=model.params, tokenizer=model.tokenizer,
                     metadata={"source": model.source, "source_format": model.source_format},
@@ -116,6 +135,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Architecture, parameter count and sizes of MODEL, without loading its weights."""
     from jaxquant.checkpoints.info import model_info
 
+    if args.json:
+        check_output(args.json, force=args.force)
     info = model_info(args.model)
     if args.json:
         write_json(args.json, info, force=args.force)
@@ -173,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except JaxquantError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output or input the OS refused (permissions, full disk, ...)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

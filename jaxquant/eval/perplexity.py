@@ -90,12 +90,22 @@ def evaluate_perplexity(params: Any, cfg: ModelConfig, windows: np.ndarray, *,
         Short final batches are padded with copies that are not counted.
       progress: Show a progress bar with the running perplexity.
       devices: Devices to split batches over (default: all local devices).
+
+    Returns:
+      The perplexity and its accounting.
+
+    Raises:
+      ValueError: token ids outside the vocabulary.
+      FloatingPointError: the loss is NaN or infinite.
     """
     windows = np.asarray(windows, dtype=np.int32)
     n, seq_len = windows.shape
+    if windows.size and (windows.min() < 0 or windows.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got "
+                         f"[{windows.min()}, {windows.max()}]")
     devices = list(devices or jax.local_devices())
-    batch = max(batch_size, 1)
-    batch = -(-batch // len(devices)) * len(devices)
+    ndev = len(devices)
+    batch = -(-min(max(batch_size, 1), n) // ndev) * ndev  # no bigger than the windows need
     mesh = Mesh(np.asarray(devices), ("data",))
     score, data_sharding, replicated = _scorer(cfg, mesh)
     params = jax.device_put(params, replicated)
@@ -122,6 +132,11 @@ def evaluate_perplexity(params: Any, cfg: ModelConfig, windows: np.ndarray, *,
     seconds = time.perf_counter() - start
     predicted = n * (seq_len - 1)
     mean = float(nll.sum() / predicted)
+    if not math.isfinite(mean):
+        bad = int(np.argmin(np.isfinite(nll)))
+        raise FloatingPointError(
+            f"the model produced a non-finite loss (first in window {bad}); its weights or "
+            "activations overflow in this dtype")
     rest = max(n - min(batch, n), 0)
     steady = seconds - first_step
     tps = rest * seq_len / steady if rest and steady > 0 else min(batch, n) * seq_len / seconds

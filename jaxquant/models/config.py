@@ -152,11 +152,14 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown jaxquant config fields: {sorted(unknown)}")
-        for key in ("rope", "local_rope"):
-            if isinstance(d.get(key), Mapping):
-                d[key] = RopeConfig(**d[key])
-        d["layer_types"] = tuple(d.get("layer_types", ()))
-        return cls(**d)
+        try:
+            for key in ("rope", "local_rope"):
+                if isinstance(d.get(key), Mapping):
+                    d[key] = RopeConfig(**d[key])
+            d["layer_types"] = tuple(d.get("layer_types", ()))
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"invalid jaxquant model config: {e}") from e
 
 
 def supported_architectures() -> str:
@@ -200,8 +203,42 @@ def _rope_from(params: Mapping[str, Any] | None, theta: float) -> RopeConfig:
         original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)))
 
 
+_BASE_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, tie_word_embeddings=False)
+_QWEN_DEFAULTS = dict(_BASE_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                      max_window_layers=28, use_sliding_window=False)
+
+#: transformers' config-class defaults (transformers 5) for the fields jaxquant reads.
+#: ``save_pretrained`` omits fields equal to these, so a config.json (notably Gemma 3's
+#: nested ``text_config``) may lack them; ``tests/test_config.py`` checks this table
+#: against the transformers classes.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(_BASE_DEFAULTS, max_position_embeddings=2048),
+    "mistral": dict(_BASE_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                    sliding_window=4096, max_position_embeddings=131072),
+    "qwen2": dict(_QWEN_DEFAULTS, max_position_embeddings=32768),
+    "qwen3": dict(_QWEN_DEFAULTS, head_dim=128, max_position_embeddings=32768),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10000.0, sliding_window=4096,
+                        query_pre_attn_scalar=256, tie_word_embeddings=True,
+                        max_position_embeddings=131072),
+}
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     """Translates a Hugging Face ``config.json`` dict into a :class:`ModelConfig`.
+
+    Fields the file omits are filled from transformers' defaults for its class
+    (:data:`HF_DEFAULTS`).
+
+    Args:
+      hf: The parsed ``config.json`` (transformers 4 or 5 spelling).
+
+    Returns:
+      The model config.
 
     Raises:
       ConfigError: unknown architecture (the message lists the supported ones), or a
@@ -209,15 +246,23 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     """
     if not isinstance(hf, Mapping):
         raise ConfigError("config.json must hold a JSON object")
+    try:
+        return _from_hf_config(hf)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"config.json has an invalid value: {e}") from e
+
+
+def _from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
-    if model_type == "gemma3" and isinstance(hf.get("text_config"), Mapping):
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
-        model_type = "gemma3_text"
     if model_type not in FAMILIES:
         arch = model_type or (hf.get("architectures") or ["<none>"])[0]
         raise ConfigError(
             f"unsupported architecture {arch!r}; supported model_type values: "
             f"{supported_architectures()}")
+    if model_type == "gemma3" and isinstance(hf.get("text_config"), Mapping):
+        hf = {**hf["text_config"], "model_type": "gemma3_text"}
+        model_type = "gemma3_text"
+    hf = {**HF_DEFAULTS[model_type], **hf}
     family = FAMILIES[model_type]
     hidden = _get(hf, "hidden_size", int)
     heads = _get(hf, "num_attention_heads", int)
@@ -242,7 +287,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     else:
         rope = _rope_from(rope_params or hf.get("rope_scaling"), theta)
 
-    sliding_window = hf.get("sliding_window")
+    sliding_window = _get(hf, "sliding_window", int, None)
     layer_types = hf.get("layer_types")
     if layer_types is None:
         if gemma:
@@ -267,9 +312,11 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     if act not in activations:
         raise ConfigError(f"unsupported hidden activation {act!r}")
 
-    attention_bias = bool(hf.get("attention_bias", False))
+    # q/k/v/o biases as transformers builds them: Qwen2 always has q/k/v biases and no
+    # o bias; Mistral has none; Llama, Qwen3 and Gemma 3 put attention_bias on all four.
+    attention_bias = bool(hf.get("attention_bias", False)) and family != "mistral"
     qkv_bias = family == "qwen2" or attention_bias
-    o_bias = attention_bias and family in ("llama", "mistral")
+    o_bias = attention_bias and family != "qwen2"
     query_scale = 0.0
     if gemma:
         query_scale = float(_get(hf, "query_pre_attn_scalar", (int, float), head_dim)) ** -0.5
@@ -304,9 +351,9 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         embed_scale=math.sqrt(hidden) if gemma else 1.0,
         activation=activations[act],
         query_scale=query_scale,
-        attn_logit_softcap=hf.get("attn_logit_softcapping"),
-        final_logit_softcap=hf.get("final_logit_softcapping"),
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
+        attn_logit_softcap=_get(hf, "attn_logit_softcapping", (int, float), None),
+        final_logit_softcap=_get(hf, "final_logit_softcapping", (int, float), None),
+        max_position_embeddings=_get(hf, "max_position_embeddings", int, 2048),
         bos_token_id=_token("bos_token_id"),
         eos_token_id=_token("eos_token_id"),
     )

@@ -118,8 +118,15 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
-        h, cache = self.hidden_states(tokens, positions=positions, cache=cache)
-        return self.logits(h), cache
+        h, new_cache = self.hidden_states(tokens, positions=positions, cache=cache)
+        logits = self.logits(h)
+        if cache is not None:
+            # Writing past the cache would silently overwrite its last slots: poison the
+            # logits instead, so the overflow cannot pass unnoticed under jit.
+            max_len = cache["layers"][0]["k"].shape[1] if cache["layers"] else 0
+            overflow = cache["length"] + tokens.shape[1] > max_len
+            logits = jnp.where(overflow, jnp.nan, logits)
+        return logits, new_cache
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,7 +158,17 @@ def init_params(cfg: ModelConfig, *, seed: int = 0, dtype: Any = jnp.float32) ->
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
             positions: jax.Array | None = None) -> jax.Array:
-    """Logits ``[B, T, vocab]`` (float32) of a full-sequence causal forward pass."""
+    """Logits of a full-sequence causal forward pass.
+
+    Args:
+      params: Parameter pytree (float or quantized weights).
+      cfg: Model config (static under ``jit``).
+      tokens: Token ids ``[B, T]``.
+      positions: Positions ``[B, T]`` (default ``0..T-1``).
+
+    Returns:
+      Logits ``[B, T, vocab]`` in float32.
+    """
     return bind(params, cfg)(tokens, positions=positions)[0]
 
 
@@ -166,7 +183,17 @@ def logits_from_hidden(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Ar
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-    """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+    """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens.
+
+    Args:
+      cfg: Model config.
+      batch: Number of sequences decoded together.
+      max_len: Capacity in tokens (prompt plus generated).
+      dtype: Dtype of the cached keys and values.
+
+    Returns:
+      ``{"length": int32 scalar, "layers": [{"k", "v"}: [batch, max_len, kv_heads, head_dim]]}``.
+    """
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
               for _ in range(cfg.num_layers)]
@@ -177,7 +204,25 @@ def decode_step(params: Params, cfg: ModelConfig, tokens: jax.Array,
                 cache: Cache) -> tuple[jax.Array, Cache]:
     """Feeds ``tokens [B, T]`` after the cached ones; returns logits and the new cache.
 
-    Use ``T > 1`` for the prompt (prefill) and ``T = 1`` per generated token. The
-    caller keeps ``cache["length"] + T <= max_len``.
+    Use ``T > 1`` for the prompt (prefill) and ``T = 1`` per generated token.
+
+    Args:
+      params: Parameter pytree (float or quantized).
+      cfg: Model config.
+      tokens: Token ids ``[B, T]``.
+      cache: From :func:`init_cache` or a previous step.
+
+    Returns:
+      Logits ``[B, T, vocab]`` (float32) and the updated cache. If the tokens do not fit
+      (``length + T > max_len``) the logits are NaN; outside ``jit`` this raises.
+
+    Raises:
+      ValueError: the tokens do not fit in the cache (when the length is concrete).
     """
+    length = cache["length"]
+    if not isinstance(length, jax.core.Tracer):
+        max_len = cache["layers"][0]["k"].shape[1] if cache["layers"] else 0
+        if int(length) + tokens.shape[1] > max_len:
+            raise ValueError(f"KV cache overflow: {int(length)} cached + {tokens.shape[1]} new "
+                             f"tokens exceed its capacity of {max_len}")
     return bind(params, cfg)(tokens, cache=cache)
