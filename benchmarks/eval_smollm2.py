@@ -30,6 +30,7 @@ REFERENCE = {"ppl_first10": 20.296, "ppl_all": 22.234}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="name or path of the GGUF")
     parser.add_argument("--data", default=str(WIKI))
     parser.add_argument("--max-windows", type=int)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -37,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    model = jaxquant.load_model("smollm2-135m", dtype="float32")
+    model = jaxquant.load_model(args.model, dtype="float32")
     load_s = time.perf_counter() - t0
     ids = tokenize(model.tokenizer, load_text(args.data, "wikitext"))
     windows = make_windows(ids, 2048, args.max_windows)

@@ -26,7 +26,9 @@ import jax
 import numpy as np
 
 from jaxquant.errors import CheckpointError, ConfigError, OutputExistsError, one_line
+from jaxquant.formats.base import from_layout, is_quantized
 from jaxquant.models.config import ModelConfig
+from jaxquant.params import iter_paths
 
 MARKER = "jaxquant.json"
 FORMAT = "jaxquant-checkpoint"
@@ -103,6 +105,9 @@ def save_checkpoint(
             "dtypes": dtypes,
             **dict(metadata or {}),
         }
+        layout = {p: leaf.layout() for p, leaf in iter_paths(params) if is_quantized(leaf)}
+        if layout:
+            info["quantized_layout"] = layout
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.to_str())
@@ -127,6 +132,20 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def _replace(params: Any, path: str, spec: Mapping[str, Any], *, where: str) -> Any:
+    """Rebuilds the quantized format at ``path`` from its restored arrays."""
+    keys = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node = params
+    try:
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = from_layout(node[keys[-1]], spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: quantized parameter {path} does not match its "
+                              f"layout: {one_line(e)}") from e
+    return params
+
+
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, Any, Any, dict[str, Any]]:
     """Loads ``(config, params, tokenizer, metadata)`` from a jaxquant checkpoint."""
     from jaxquant.checkpoints.tokenizer import load_tokenizer
@@ -142,6 +161,8 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, Any, Any, dict[str, 
     except Exception as e:  # Orbax raises many types for damaged files
         raise CheckpointError(f"{path}/params cannot be restored: {one_line(e)}") from e
     params = _int_keys(params)
+    for path, spec in info.get("quantized_layout", {}).items():
+        params = _replace(params, path, spec, where=str(path))
     from jaxquant.checkpoints.convert import check_params
 
     check_params(params, config, where=str(path))

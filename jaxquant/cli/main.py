@@ -79,30 +79,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import jax
 
     from jaxquant.checkpoints.load import load_model, resolve
-    from jaxquant.data import DEMO_CORPUS, load_text, make_windows, tokenize
-    from jaxquant.eval import evaluate_perplexity
 
     resolve(args.model)
     if args.json:
         check_output(args.json, force=args.force)
-    data = args.data or DEMO_CORPUS
-    fmt = args.data_format or ("plain" if data == DEMO_CORPUS else "wikitext")
-    text = load_text(data, fmt)
+    text = _eval_text(args)
     model = load_model(args.model, dtype=args.dtype)
-    ids = tokenize(model.tokenizer, text)
-    if len(ids) and int(ids.max()) >= model.config.vocab_size:
-        raise DataError(f"the tokenizer produced id {int(ids.max())}, but the model has only "
-                        f"{model.config.vocab_size} embeddings: tokenizer and model do not match")
-    windows = make_windows(ids, args.seq_len, args.max_windows)
-    try:
-        result = evaluate_perplexity(model.params, model.config, windows,
-                                     batch_size=args.batch_size, progress=not args.quiet)
-    except FloatingPointError as e:
-        raise JaxquantError(f"{args.model} in {args.dtype}: {e}") from e
+    windows = _windows(text, model.tokenizer, model.config.vocab_size, args)
+    result = _perplexity(model.params, model.config, windows, args, f"{args.model} ({args.dtype})")
     report = {
-        "model": args.model, "data": str(data), "data_format": fmt, "dtype": args.dtype,
-        **result.to_dict(),
-        "text_tokens": len(ids),
+        "model": args.model, "data": text.source, "data_format": text.format,
+        "dtype": args.dtype, **result.to_dict(),
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
     }
@@ -128,6 +115,140 @@ def cmd_convert(args: argparse.Namespace) -> int:
                     force=args.force)
     print(f"wrote {out} ({model.config.family}, {model.config.num_params():,} parameters, "
           f"{args.dtype})")
+    return 0
+
+
+class _Text(str):
+    """Evaluation text that remembers where it came from."""
+
+    source: str
+    format: str
+
+
+def _eval_text(args: argparse.Namespace) -> _Text:
+    """Reads ``--data`` (default: the demo corpus) before any model is loaded."""
+    from jaxquant.data import DEMO_CORPUS, load_text
+
+    data = args.data or DEMO_CORPUS
+    fmt = args.data_format or ("plain" if data == DEMO_CORPUS else "wikitext")
+    text = _Text(load_text(data, fmt))
+    text.source, text.format = str(data), fmt
+    return text
+
+
+def _windows(text: str, tokenizer: Any, vocab_size: int, args: argparse.Namespace) -> Any:
+    """Token windows of ``text`` as the evaluation protocol cuts them."""
+    from jaxquant.data import make_windows, tokenize
+
+    ids = tokenize(tokenizer, text)
+    if len(ids) and int(ids.max()) >= vocab_size:
+        raise DataError(f"the tokenizer produced id {int(ids.max())}, but the model has only "
+                        f"{vocab_size} embeddings: tokenizer and model do not match")
+    return make_windows(ids, args.seq_len, args.max_windows)
+
+
+def _perplexity(params: Any, cfg: Any, windows: Any, args: argparse.Namespace, label: str):
+    from jaxquant.eval import evaluate_perplexity
+
+    try:
+        return evaluate_perplexity(params, cfg, windows, batch_size=args.batch_size,
+                                   progress=not args.quiet)
+    except FloatingPointError as e:
+        raise JaxquantError(f"{label}: {e}") from e
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantizes MODEL with a uniform recipe; optionally saves it and compares perplexity."""
+    import time
+
+    import jax
+
+    from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
+    from jaxquant.checkpoints.load import load_model, resolve
+    from jaxquant.quantize import quantization_report, quantize
+    from jaxquant.recipes import QuantSpec, Recipe
+
+    resolve(args.model)
+    spec = QuantSpec(method=args.method, bits=args.bits,
+                     group_size=None if args.per_channel else args.group_size,
+                     symmetric=args.sym, scale_dtype=args.scale_dtype)
+    recipe = Recipe.uniform(spec, args.pattern) if args.pattern else Recipe.uniform(spec)
+    for out in (args.out, args.json):
+        if out:
+            check_output(out, force=args.force)
+    text = _eval_text(args) if args.eval else None
+    model = load_model(args.model, dtype=args.dtype)
+    specs, unused = recipe.plan(_paths(model.params))
+    if not specs:
+        raise JaxquantError(f"the recipe matches no parameter of {args.model}")
+    start = time.perf_counter()
+    qparams = jax.block_until_ready(quantize(model.params, recipe))
+    seconds = time.perf_counter() - start
+    report = quantization_report(model.params, qparams)
+    summary = {
+        "model": args.model, "method": spec.method, "bits": spec.bits,
+        "group_size": spec.group_size, "symmetric": spec.symmetric,
+        "scale_dtype": spec.scale_dtype, "recipe": recipe.to_dict(),
+        "unused_rules": [r.pattern for r in unused], "seconds": seconds, **report,
+    }
+    print(f"{spec.describe()}: {report['quantized_layers']} layers, "
+          f"{report['avg_bits']:.3f} bits/weight, model {report['float_bytes'] / 2**20:.1f} MiB "
+          f"-> {report['quantized_bytes'] / 2**20:.1f} MiB in {seconds:.1f} s")
+    for rule in unused:
+        print(f"warning: rule {rule.pattern!r} matched no parameter", file=sys.stderr)
+    if args.out:
+        meta = {"source": model.source, "source_format": model.source_format,
+                "quantization": {k: summary[k] for k in (
+                    "recipe", "avg_bits", "quantized_bytes", "float_bytes")}}
+        save_checkpoint(args.out, config=model.config, params=qparams,
+                        tokenizer=model.tokenizer, metadata=meta, force=args.force)
+        print(f"wrote {args.out}")
+    if text is not None:
+        windows = _windows(text, model.tokenizer, model.config.vocab_size, args)
+        rows = []
+        for label, params, bits, size in (
+                (args.dtype, model.params, 8 * report["float_bytes"] / model.config.num_params(),
+                 report["float_bytes"]),
+                (spec.describe(), qparams, report["avg_bits"], report["quantized_bytes"])):
+            res = _perplexity(params, model.config, windows, args, label)
+            rows.append({"model": label, "bits_per_weight": bits, "bytes": size, "ppl": res.ppl,
+                         "windows": res.windows, "tokens": res.tokens,
+                         "seconds": res.seconds})
+        summary["eval"] = {"data": text.source, "data_format": text.format,
+                           "seq_len": args.seq_len, "rows": rows}
+        print(f"\nperplexity on {text.source} ({rows[0]['windows']} windows of "
+              f"{args.seq_len} tokens)")
+        print(f"| {'model':<26} | bits/weight (linear) | size (MiB) | ppl |")
+        print(f"|{'-' * 28}|---|---|---|")
+        for row in rows:
+            print(f"| {row['model']:<26} | {row['bits_per_weight']:.3f} | "
+                  f"{row['bytes'] / 2**20:.1f} | {row['ppl']:.3f} |")
+    if args.json:
+        write_json(args.json, summary, force=args.force)
+    return 0
+
+
+def _paths(params: Any) -> list[str]:
+    from jaxquant.params import flatten
+
+    return list(flatten(params))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Greedy generation from MODEL (float or quantized) with the KV cache."""
+    from jaxquant.checkpoints.load import load_model, resolve
+    from jaxquant.data import tokenize
+    from jaxquant.generate import greedy_generate
+
+    resolve(args.model)
+    model = load_model(args.model, dtype=args.dtype)
+    prompt = tokenize(model.tokenizer, args.prompt)
+    if prompt.size == 0:
+        raise DataError("the prompt is empty after tokenization")
+    stop = () if model.config.eos_token_id is None else (model.config.eos_token_id,)
+    ids = greedy_generate(model.params, model.config, prompt,
+                          max_new_tokens=args.max_new_tokens, stop_ids=stop)
+    print(args.prompt + model.tokenizer.decode(ids))
     return 0
 
 
@@ -177,6 +298,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="quantize a model (RTN), save it, compare perplexity",
+                       description=cmd_quantize.__doc__)
+    _add_model(p)
+    p.add_argument("--method", default="rtn", choices=["rtn"], help="algorithm (rtn)")
+    p.add_argument("--bits", type=int, default=4, help="code width: 2, 3, 4 or 8 (4)")
+    p.add_argument("--group-size", type=_positive, default=128,
+                   help="input channels per scale and zero (128)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="one scale per output channel instead of groups")
+    p.add_argument("--sym", action="store_true", help="symmetric: no zero points stored")
+    p.add_argument("--scale-dtype", default="bfloat16",
+                   choices=["bfloat16", "float16", "float32"], help="scale/zero dtype")
+    p.add_argument("--pattern", metavar="REGEX",
+                   help="parameter paths to quantize (default: every linear layer of "
+                        "every block)")
+    p.add_argument("--out", metavar="DIR", help="save the quantized checkpoint here")
+    p.add_argument("--json", metavar="OUT", help="write a JSON report here")
+    p.add_argument("--force", action="store_true", help="replace existing outputs")
+    p.add_argument("--eval", action="store_true",
+                   help="evaluate float and quantized perplexity and print the table")
+    p.add_argument("--data", metavar="PATH", help="evaluation text for --eval (default: kjv)")
+    p.add_argument("--data-format", choices=["wikitext", "plain"])
+    p.add_argument("--seq-len", type=_positive, default=2048)
+    p.add_argument("--max-windows", type=_positive)
+    p.add_argument("--batch-size", type=_positive, default=1)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("generate", help="greedy text generation with the KV cache",
+                       description=cmd_generate.__doc__)
+    _add_model(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_positive, default=32)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="architecture, parameter count and bytes of a model",
                        description=cmd_info.__doc__)

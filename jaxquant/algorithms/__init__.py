@@ -1,0 +1,1 @@
+"""Quantization algorithms: pure array math, separate from the model plumbing."""

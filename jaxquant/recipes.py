@@ -1,0 +1,122 @@
+"""Quantization recipes: which parameters to quantize, and how.
+
+A :class:`Recipe` is an ordered tuple of :class:`Rule`; each rule's regular
+expression is matched (``re.fullmatch``) against parameter paths such as
+``layers.3.mlp.down_proj.weight`` (see ``docs/models.md``), and the first rule that
+matches a path decides: quantize with its :class:`QuantSpec`, or keep in float when
+its spec is ``None``. Paths no rule matches stay in float. Only 2-D weights can be
+quantized; norms and biases always stay in float.
+
+The default recipe quantizes every linear layer of every block and keeps the
+embeddings, ``lm_head`` and norms in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from jaxquant.errors import JaxquantError
+
+#: Every linear layer inside the decoder blocks.
+BLOCK_LINEARS = r"layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.weight"
+#: Methods ``quantize`` knows; later modules add calibration-based ones.
+METHODS = ("rtn",)
+SCALE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+class RecipeError(JaxquantError):
+    """A recipe that cannot be applied (bad regex, bits, group size)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How to quantize one weight."""
+
+    method: str = "rtn"  # algorithm: "rtn" (calibration methods plug in by name)
+    bits: int = 4  # code width: 2, 3, 4 or 8 (1..8 accepted by the formats)
+    group_size: int | None = 128  # input channels per scale; None: per output channel
+    symmetric: bool = False  # symmetric range (no zeros stored)
+    scale_dtype: str = "bfloat16"  # dtype of scales and zeros
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RecipeError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise RecipeError(f"unsupported bit width {self.bits!r}: use 2, 3, 4 ... 8")
+        if self.group_size is not None and (not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise RecipeError(f"group size must be a positive integer, got {self.group_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise RecipeError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got "
+                              f"{self.scale_dtype!r}")
+
+    def describe(self) -> str:
+        """``rtn 4-bit asym g128`` style label."""
+        group = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        return f"{self.method} {self.bits}-bit {'sym' if self.symmetric else 'asym'} {group}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """Parameters whose path fully matches ``pattern`` get ``spec`` (None: stay float)."""
+
+    pattern: str  # regular expression, matched with re.fullmatch against parameter paths
+    spec: QuantSpec | None  # how to quantize them; None keeps them in float
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise RecipeError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from e
+
+    def matches(self, path: str) -> bool:
+        """True if the rule applies to ``path``."""
+        return re.fullmatch(self.pattern, path) is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """An ordered set of rules; the first rule matching a path decides."""
+
+    rules: tuple[Rule, ...]  # tried in order
+
+    @classmethod
+    def uniform(cls, spec: QuantSpec, pattern: str = BLOCK_LINEARS) -> Recipe:
+        """One spec for every parameter matching ``pattern`` (default: block linears)."""
+        return cls(rules=(Rule(pattern=pattern, spec=spec),))
+
+    def plan(self, paths: Iterable[str]) -> tuple[dict[str, QuantSpec], list[Rule]]:
+        """Assigns specs to ``paths``.
+
+        Returns:
+          ``(specs, unused)``: the spec of every path to quantize, and the rules that
+          matched no path (usually a typo in a pattern).
+        """
+        specs: dict[str, QuantSpec] = {}
+        used: set[int] = set()
+        for path in paths:
+            for i, rule in enumerate(self.rules):
+                if rule.matches(path):
+                    used.add(i)
+                    if rule.spec is not None:
+                        specs[path] = rule.spec
+                    break
+        return specs, [r for i, r in enumerate(self.rules) if i not in used]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; inverse of :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        """Rebuilds a recipe written by :meth:`to_dict`."""
+        try:
+            return cls(rules=tuple(
+                Rule(pattern=r["pattern"],
+                     spec=None if r.get("spec") is None else QuantSpec(**r["spec"]))
+                for r in d["rules"]))
+        except (KeyError, TypeError) as e:
+            raise RecipeError(f"malformed recipe: {e}") from e
