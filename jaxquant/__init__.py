@@ -5,7 +5,9 @@ The public API::
     model = jaxquant.load_model("smollm2-135m")          # or HF dir / .gguf / checkpoint
     logits = jaxquant.forward(model.params, model.config, tokens)
     result = jaxquant.evaluate_perplexity(model.params, model.config, windows)
-    jaxquant.save_checkpoint("out", config=model.config, params=model.params,
+    qparams = jaxquant.quantize(model.params, jaxquant.Recipe.uniform(
+        jaxquant.QuantSpec(bits=4, group_size=128)))
+    jaxquant.save_checkpoint("out", config=model.config, params=qparams,
                              tokenizer=model.tokenizer)
 """
 
@@ -14,6 +16,14 @@ from jaxquant.checkpoints.load import Model, load_model
 from jaxquant.data import load_text, make_windows, sample_windows, tokenize
 from jaxquant.errors import CheckpointError, ConfigError, DataError, JaxquantError
 from jaxquant.eval import PerplexityResult, evaluate_perplexity
+from jaxquant.formats import (
+    CodebookWeight,
+    MixedWeight,
+    OutlierWeight,
+    QuantizedWeight,
+    UniformWeight,
+)
+from jaxquant.generate import greedy_generate
 from jaxquant.models import (
     CausalLM,
     ModelConfig,
@@ -24,22 +34,34 @@ from jaxquant.models import (
     init_params,
 )
 from jaxquant.ops import linear, register_linear
+from jaxquant.quantize import quantization_report, quantize
+from jaxquant.recipes import QuantSpec, Recipe, RecipeError, Rule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CausalLM",
     "CheckpointError",
+    "CodebookWeight",
     "ConfigError",
     "DataError",
     "JaxquantError",
+    "MixedWeight",
     "Model",
     "ModelConfig",
+    "OutlierWeight",
     "PerplexityResult",
+    "QuantSpec",
+    "QuantizedWeight",
+    "Recipe",
+    "RecipeError",
+    "Rule",
+    "UniformWeight",
     "decode_step",
     "evaluate_perplexity",
     "forward",
     "from_hf_config",
+    "greedy_generate",
     "init_cache",
     "init_params",
     "linear",
@@ -47,6 +69,8 @@ __all__ = [
     "load_model",
     "load_text",
     "make_windows",
+    "quantization_report",
+    "quantize",
     "register_linear",
     "sample_windows",
     "save_checkpoint",
