@@ -504,6 +504,8 @@ def _tokenizer(md: dict[str, Any], arch: str, path: str) -> Any | None:
         return None
     from tokenizers import AddedToken, Tokenizer, processors
 
+    # transformers advises at import that PyTorch is missing; jaxquant needs no torch.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     except ImportError:  # transformers before the integrations.gguf package
