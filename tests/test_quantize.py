@@ -13,6 +13,7 @@ import pytest
 
 import jaxquant
 from jaxquant.checkpoints.convert import params_from_source
+from jaxquant.checkpoints.jq_checkpoint import data_bytes
 from jaxquant.cli.main import main
 from jaxquant.formats import UniformWeight, is_quantized, storage_bits
 from jaxquant.models import transformer
@@ -150,6 +151,11 @@ def test_quantized_checkpoint_round_trip(tiny_hf_dir, tmp_path, capsys):
                for s in shapes)
     assert r["avg_bits"] == pytest.approx(bits / sum(a * b for a, b in shapes), rel=1e-12)
     assert 4.0 < r["avg_bits"] < 4.4  # 3-bit codes + a bf16 scale per 16 + word padding
+    # On disk every array is stored raw: the data bytes equal the in-memory account.
+    assert data_bytes(out) == r["quantized_bytes"]
+    for path, layer in r["layers"].items():
+        on_disk = data_bytes(out, prefix=path + ".")
+        assert on_disk * 8 == pytest.approx(layer["bits_per_weight"] * _numel(src, path))
     back = jaxquant.load_model(out)
     q = quantize(src.params, Recipe.uniform(QuantSpec(bits=3, group_size=16, symmetric=True)))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (1, 9)))
@@ -159,6 +165,11 @@ def test_quantized_checkpoint_round_trip(tiny_hf_dir, tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "quantized" in info and "rtn 3-bit sym g16" in info
+
+
+def _numel(model, path):
+    shape = flatten(model.params)[path].shape
+    return shape[0] * shape[1]
 
 
 def test_incompatible_checkpoint_version(tiny_hf_dir, tmp_path, capsys):
