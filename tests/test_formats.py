@@ -187,3 +187,26 @@ def _to_dict(q):
         return v
 
     return conv(q)
+
+
+def test_device_put_with_sharding_and_no_retrace():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("model",))
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((16, 96)), jnp.float32)
+    q = rtn(w, bits=4, group_size=32)
+    sharded = jax.device_put(q, NamedSharding(mesh, PartitionSpec("model")))
+    assert isinstance(sharded, UniformWeight)
+    assert all(leaf.sharding.spec == PartitionSpec("model") for leaf in jax.tree.leaves(sharded))
+    traces = []
+
+    @jax.jit
+    def f(x, weight):
+        traces.append(1)
+        return weight.linear(x)
+
+    x = jnp.ones((2, 96))
+    f(x, sharded)
+    other = jax.device_put(rtn(w * 2, bits=4, group_size=32), sharded.scales.sharding)
+    f(x, other)  # same structure and sharding: no new trace
+    assert len(traces) == 1
