@@ -32,7 +32,7 @@ def numpy_gptq(w, h, *, bits, group, sym, block=128, damp=0.01, act_order=False)
     """Straight from the paper / reference loop, float32 numpy; returns dequantized W."""
     w = w.astype(np.float32).copy()
     h = h.astype(np.float32).copy()
-    n, k = w.shape
+    _n, k = w.shape
     g = k if group is None else group
     maxq = 2 ** bits - 1
     dead = np.diag(h) == 0
