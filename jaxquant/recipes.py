@@ -5,7 +5,7 @@ expression is matched (``re.fullmatch``) against parameter paths such as
 ``layers.3.mlp.down_proj.weight`` (see ``docs/models.md``), and the first rule that
 matches a path decides: quantize with its :class:`QuantSpec`, or keep in float when
 its spec is ``None``. Paths no rule matches stay in float. Only 2-D weights can be
-quantized; norms and biases always stay in float.
+quantized: a rule that selects a norm or a bias is an error (``quantize`` names it).
 
 The default recipe quantizes every linear layer of every block and keeps the
 embeddings, ``lm_head`` and norms in float.
@@ -36,7 +36,7 @@ class QuantSpec:
     """How to quantize one weight."""
 
     method: str = "rtn"  # algorithm: "rtn" (calibration methods plug in by name)
-    bits: int = 4  # code width: 2, 3, 4 or 8 (1..8 accepted by the formats)
+    bits: int = 4  # code width, 2..8 (2, 3, 4 and 8 are the usual choices)
     group_size: int | None = 128  # input channels per scale; None: per output channel
     symmetric: bool = False  # symmetric range (no zeros stored)
     scale_dtype: str = "bfloat16"  # dtype of scales and zeros
@@ -45,7 +45,7 @@ class QuantSpec:
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise RecipeError(f"unsupported bit width {self.bits!r}: use 2, 3, 4 ... 8")
+            raise RecipeError(f"unsupported bit width {self.bits!r}: use 2 to 8")
         if self.group_size is not None and (not isinstance(self.group_size, int)
                                             or self.group_size < 1):
             raise RecipeError(f"group size must be a positive integer, got {self.group_size!r}")

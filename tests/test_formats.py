@@ -159,7 +159,7 @@ def test_layout_rebuilds_every_format():
     u = rtn(w, bits=4, group_size=32, symmetric=True)
     cb = CodebookWeight.from_indices(jnp.zeros((6, 64), jnp.int32),
                                      jnp.ones((64, 4), jnp.float32), bits=2)
-    mixed = MixedWeight(parts=(rtn(w[:, :32], bits=2, group_size=32), u if False else
+    mixed = MixedWeight(parts=(rtn(w[:, :32], bits=2, group_size=32),
                                rtn(w[:, 32:], bits=4, group_size=32)),
                         perm=jnp.arange(64, dtype=jnp.int16), shape=(6, 64))
     out = OutlierWeight(base=mixed, index=jnp.asarray([0, 5], jnp.int32),
@@ -210,3 +210,35 @@ def test_device_put_with_sharding_and_no_retrace():
     other = jax.device_put(rtn(w * 2, bits=4, group_size=32), sharded.scales.sharding)
     f(x, other)  # same structure and sharding: no new trace
     assert len(traces) == 1
+
+
+def test_tiny_ranges_keep_finite_float16_scales():
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((4, 64)) * 1e-9, jnp.float32)
+    q = rtn(w, bits=8, group_size=32, scale_dtype=jnp.float16)
+    assert np.isfinite(np.asarray(q.dequantize())).all()
+    assert float(jnp.abs(q.dequantize() - w).max()) < 1e-6
+
+
+def test_one_bit_symmetric_is_refused():
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        rtn(jnp.ones((2, 8)), bits=1, group_size=None, symmetric=True)
+
+
+def test_permutation_dtype_must_index_all_columns():
+    k = 40000
+    part = rtn(jnp.ones((1, k)), bits=2, group_size=None)
+    with pytest.raises(ValueError, match="int16 permutation cannot index 40000"):
+        MixedWeight(parts=(part,), perm=jnp.arange(k).astype(jnp.int16), shape=(1, k))
+    assert MixedWeight.perm_dtype(k) == jnp.int32
+
+
+def test_mixed_linear_with_bfloat16_activations():
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.standard_normal((32, 256)), jnp.float32)
+    parts = (rtn(w[:, :128], bits=2, group_size=64), rtn(w[:, 128:], bits=4, group_size=64))
+    mixed = MixedWeight(parts=parts, perm=None, shape=(32, 256))
+    x = jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
+    got = np.asarray(mixed.linear(x), np.float32)
+    want = np.asarray(x, np.float32) @ np.asarray(mixed.dequantize()).T
+    assert mixed.linear(x).dtype == jnp.bfloat16
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -135,6 +135,9 @@ def test_nan_weight_names_the_tensor():
 
 
 def test_quantized_checkpoint_round_trip(tiny_hf_dir, tmp_path, capsys):
+    from tests.test_cli_errors import _with_word_tokenizer
+
+    tiny_hf_dir = _with_word_tokenizer(tiny_hf_dir, tmp_path / "src", 97)
     out, report = tmp_path / "q", tmp_path / "q.json"
     code = main(["quantize", "--model", str(tiny_hf_dir), "--bits", "3", "--group-size", "16",
                  "--sym", "--out", str(out), "--json", str(report)])

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.formats.uniform import UniformWeight, num_groups
+from jaxquant.formats.uniform import UniformWeight, expand_groups, num_groups
 
 
 def group_params(w: jax.Array, *, bits: int, group_size: int, symmetric: bool,
@@ -40,7 +40,9 @@ def group_params(w: jax.Array, *, bits: int, group_size: int, symmetric: bool,
     dead = (lo == 0) & (hi == 0)
     lo = jnp.where(dead, -1.0, lo)
     hi = jnp.where(dead, 1.0, hi)
-    scale = ((hi - lo) / maxq).astype(scale_dtype).astype(jnp.float32)
+    # Clamp before rounding to the storage dtype: a tiny range must not become scale 0.
+    scale = jnp.maximum((hi - lo) / maxq, jnp.finfo(scale_dtype).tiny)
+    scale = scale.astype(scale_dtype).astype(jnp.float32)
     zero = jnp.full_like(scale, 2 ** (bits - 1)) if symmetric else jnp.round(-lo / scale)
     return scale, zero
 
@@ -48,8 +50,6 @@ def group_params(w: jax.Array, *, bits: int, group_size: int, symmetric: bool,
 def quantize_codes(w: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int,
                    group_size: int) -> jax.Array:
     """``clip(round(w / s) + z, 0, 2**b - 1)`` with per-group ``s``, ``z`` -> int32 codes."""
-    from jaxquant.formats.uniform import expand_groups
-
     k = w.shape[1]
     s = expand_groups(scale, group_size, k)
     z = expand_groups(zero, group_size, k)
@@ -68,6 +68,9 @@ def rtn(w: jax.Array, *, bits: int, group_size: int | None, symmetric: bool = Fa
       symmetric: Symmetric range around zero (no stored zeros).
       scale_dtype: Dtype of the stored scales and zeros.
     """
+    if symmetric and bits < 2:
+        raise ValueError("symmetric quantization needs at least 2 bits (1-bit symmetric codes "
+                         "cannot represent a sign around zero)")
     k = w.shape[1]
     g = k if group_size is None else min(group_size, k)
     scale, zero = group_params(w, bits=bits, group_size=g, symmetric=symmetric,

@@ -76,7 +76,7 @@ def params_from_source(
 def check_params(params: Params, cfg: ModelConfig, *, where: str) -> None:
     """Raises CheckpointError unless ``params`` has exactly the paths and shapes of ``cfg``.
 
-    Leaves that are not arrays (quantized formats) are checked by path only.
+    Quantized formats are checked by their logical ``[out, in]`` shape.
     """
     expected = flatten(abstract_params(cfg))
     got = flatten(params)
@@ -87,8 +87,8 @@ def check_params(params: Params, cfg: ModelConfig, *, where: str) -> None:
             f"unexpected {extra[:3]})"
         )
     for path, leaf in got.items():
-        shape = getattr(leaf, "shape", None)
-        if isinstance(leaf, (np.ndarray, jax.Array)) and tuple(shape) != expected[path].shape:
+        shape = getattr(leaf, "shape", None)  # quantized formats carry their logical shape
+        if shape is not None and tuple(shape) != expected[path].shape:
             raise CheckpointError(
                 f"{where}: parameter {path} has shape {tuple(shape)}, config implies "
                 f"{expected[path].shape}"

@@ -34,7 +34,9 @@ from jaxquant.params import iter_paths
 
 MARKER = "jaxquant.json"
 FORMAT = "jaxquant-checkpoint"
-VERSION = 1
+#: Format version written: 1 for float checkpoints, 2 for checkpoints with quantized
+#: layers (which readers of version 1 cannot rebuild).
+VERSION = 2
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -128,7 +130,7 @@ def save_checkpoint(
         dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)})
         info = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if any(is_quantized(x) for _, x in iter_paths(params)) else 1,
             "config": config.to_dict(),
             "dtypes": dtypes,
             **dict(metadata or {}),
@@ -153,7 +155,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{marker} is not a jaxquant checkpoint marker")
     if not isinstance(info.get("config"), dict):
         raise CheckpointError(f"{marker} has no model config")
-    if info.get("version", 0) > VERSION:
+    if not isinstance(info.get("version"), int):
+        raise CheckpointError(f"{marker} has no integer format version")
+    if info["version"] > VERSION:
         raise CheckpointError(
             f"{path} was written by a newer jaxquant (format version {info['version']})"
         )
@@ -191,8 +195,8 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, Any, Any, dict[str, 
     except Exception as e:  # Orbax raises many types for damaged files
         raise CheckpointError(f"{path}/params cannot be restored: {one_line(e)}") from e
     params = _int_keys(params)
-    for path, spec in info.get("quantized_layout", {}).items():
-        params = _replace(params, path, spec, where=str(path))
+    for param_path, spec in info.get("quantized_layout", {}).items():
+        params = _replace(params, param_path, spec, where=str(path))
     from jaxquant.checkpoints.convert import check_params
 
     check_params(params, config, where=str(path))

@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_quantize.__doc__)
     _add_model(p)
     p.add_argument("--method", default="rtn", choices=["rtn"], help="algorithm (rtn)")
-    p.add_argument("--bits", type=int, default=4, help="code width: 2, 3, 4 or 8 (4)")
+    p.add_argument("--bits", type=int, default=4, help="code width, 2 to 8 (4)")
     p.add_argument("--group-size", type=_positive, default=128,
                    help="input channels per scale and zero (128)")
     p.add_argument("--per-channel", action="store_true",

@@ -38,10 +38,17 @@ class MixedWeight(QuantizedWeight):
     shape: tuple[int, int] = static()  # (out_features, in_features)
 
     def __post_init__(self) -> None:
-        widths = [p.shape[1] for p in self.parts]
-        if self.parts and (sum(widths) != self.shape[1]
-                           or any(p.shape[0] != self.shape[0] for p in self.parts)):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        widths = [p.shape[1] for p in self.parts if isinstance(p, QuantizedWeight)]
+        if len(widths) == len(self.parts) and self.parts and (
+                sum(widths) != self.shape[1]
+                or any(p.shape[0] != self.shape[0] for p in self.parts)):
             raise ValueError(f"parts {[p.shape for p in self.parts]} do not tile {self.shape}")
+        dtype = getattr(self.perm, "dtype", None)
+        if (dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+                and jnp.iinfo(dtype).max < self.shape[1] - 1):
+            raise ValueError(f"a {jnp.dtype(dtype).name} permutation cannot index "
+                                 f"{self.shape[1]} columns")
 
     @property
     def dtype(self) -> Any:
@@ -72,12 +79,12 @@ class MixedWeight(QuantizedWeight):
         if self.perm is not None:
             x = jnp.take(x, self.perm.astype(jnp.int32), axis=-1)
         y, start = None, 0
-        for part in self.parts:
+        for part in self.parts:  # accumulate the parts in float32, round once
             k = part.shape[1]
-            term = ops.linear(x[..., start:start + k], part)
+            term = ops.linear(x[..., start:start + k], part).astype(jnp.float32)
             y = term if y is None else y + term
             start += k
-        return y
+        return y.astype(x.dtype)
 
     def summary(self) -> str:
         n, k = self.shape
