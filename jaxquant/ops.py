@@ -11,7 +11,9 @@ embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -22,6 +24,28 @@ EmbedImpl = Callable[[Any, jax.Array, Any], jax.Array]
 
 _LINEAR: dict[type, LinearImpl] = {}
 _EMBED: dict[type, EmbedImpl] = {}
+
+
+_CAPTURE = contextvars.ContextVar("jaxquant_capture_inputs", default=False)
+
+
+@contextlib.contextmanager
+def capture_inputs() -> Iterator[None]:
+    """While tracing inside this context, linear layers sow ``X^T X`` of their inputs.
+
+    A trace-time switch (it changes what is traced, not a runtime flag): calibration
+    traces blocks inside it and reads the ``nnx.Intermediate`` ``input_gram`` values.
+    """
+    token = _CAPTURE.set(True)
+    try:
+        yield
+    finally:
+        _CAPTURE.reset(token)
+
+
+def capturing_inputs() -> bool:
+    """True inside :func:`capture_inputs`."""
+    return _CAPTURE.get()
 
 
 def register_linear(weight_type: type, impl: LinearImpl) -> None:

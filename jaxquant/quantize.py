@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.algorithms.gptq import HessianError, gptq
 from jaxquant.algorithms.rtn import rtn
+from jaxquant.calibration import sequential_quantize
 from jaxquant.formats.base import QuantizedWeight, is_quantized
 from jaxquant.params import flatten, unflatten
-from jaxquant.recipes import QuantSpec, Recipe, RecipeError
+from jaxquant.recipes import CALIBRATED, QuantSpec, Recipe, RecipeError
 
 Params = dict[str, Any]
 #: method name -> fn(weight, spec, calibration) -> QuantizedWeight
@@ -38,7 +40,14 @@ def _rtn(w: jax.Array, spec: QuantSpec, calibration: Any) -> QuantizedWeight:
                     scale_dtype=jnp.dtype(spec.scale_dtype))
 
 
-_METHODS: dict[str, QuantizeFn] = {"rtn": _rtn}
+def _gptq(w: jax.Array, spec: QuantSpec, hessian: Any) -> QuantizedWeight:
+    return gptq(w, hessian, bits=spec.bits, group_size=spec.group_size,
+                symmetric=spec.symmetric, scale_dtype=jnp.dtype(spec.scale_dtype),
+                block_size=spec.block_size, damp=spec.damp, act_order=spec.act_order,
+                static_groups=spec.static_groups)
+
+
+_METHODS: dict[str, QuantizeFn] = {"rtn": _rtn, "gptq": _gptq}
 
 
 def register_method(name: str, fn: QuantizeFn) -> None:
@@ -67,7 +76,9 @@ def quantize(params: Params, recipe: Recipe, calibration: Any = None) -> Params:
     Args:
       params: Float parameter pytree (paths as in ``docs/models.md``).
       recipe: Which parameters, and how.
-      calibration: Calibration data for methods that need it (unused by RTN).
+      calibration: A :class:`jaxquant.calibration.Calibration` for methods that need it
+        (GPTQ). When given, block layers are quantized block by block, each block's
+        inputs computed by the already quantized blocks before it.
 
     Returns:
       A new pytree with quantized formats in place of the selected weights.
@@ -78,13 +89,33 @@ def quantize(params: Params, recipe: Recipe, calibration: Any = None) -> Params:
     """
     flat = flatten(params)
     specs, _ = recipe.plan(flat)
-    out = dict(flat)
     for path, spec in specs.items():
         check_weight(path, flat[path], spec)
-        fn = _METHODS.get(spec.method)
-        if fn is None:
+        if spec.method not in _METHODS:
             raise RecipeError(f"no implementation registered for method {spec.method!r}")
-        out[path] = fn(flat[path], spec, calibration)
+    needs = sorted({s.method for s in specs.values() if s.method in CALIBRATED})
+    if needs and calibration is None:
+        raise RecipeError(f"method {needs[0]} needs calibration data (--calib)")
+    if calibration is not None:
+        layered = {p: s for p, s in specs.items() if p.startswith("layers.")}
+        outside = sorted(set(specs) - set(layered))
+        if any(specs[p].method in CALIBRATED for p in outside):
+            raise RecipeError(f"{outside[0]}: calibrated methods apply to block layers only")
+
+        def quantize_layer(path: str, w: Any, spec: QuantSpec, hessian: Any) -> Any:
+            try:
+                return _METHODS[spec.method](w, spec, hessian)
+            except HessianError as e:
+                raise RecipeError(f"{path}: {e}") from e
+
+        qparams, _ = sequential_quantize(params, calibration, quantize_layer, layered)
+        out = dict(flatten(qparams))
+        for path in outside:
+            out[path] = _METHODS[specs[path].method](flat[path], specs[path], None)
+        return unflatten(out)
+    out = dict(flat)
+    for path, spec in specs.items():
+        out[path] = _METHODS[spec.method](flat[path], spec, None)
     return unflatten(out)
 
 

@@ -23,7 +23,9 @@ from jaxquant.errors import JaxquantError
 #: Every linear layer inside the decoder blocks.
 BLOCK_LINEARS = r"layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.weight"
 #: Methods ``quantize`` knows; later modules add calibration-based ones.
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
+#: Methods that need calibration data (layer Hessians).
+CALIBRATED = ("gptq",)
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -35,11 +37,15 @@ class RecipeError(JaxquantError):
 class QuantSpec:
     """How to quantize one weight."""
 
-    method: str = "rtn"  # algorithm: "rtn" (calibration methods plug in by name)
+    method: str = "rtn"  # algorithm: "rtn" or "gptq" (needs calibration data)
     bits: int = 4  # code width, 2..8 (2, 3, 4 and 8 are the usual choices)
     group_size: int | None = 128  # input channels per scale; None: per output channel
     symmetric: bool = False  # symmetric range (no zeros stored)
     scale_dtype: str = "bfloat16"  # dtype of scales and zeros
+    act_order: bool = False  # GPTQ: process columns by decreasing Hessian diagonal
+    static_groups: bool = False  # GPTQ: find group scales up front from the float weights
+    damp: float = 0.01  # GPTQ: relative Hessian damping (raised when Cholesky fails)
+    block_size: int = 128  # GPTQ: columns per lazy batch update
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,7 +62,8 @@ class QuantSpec:
     def describe(self) -> str:
         """``rtn 4-bit asym g128`` style label."""
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"{self.method} {self.bits}-bit {'sym' if self.symmetric else 'asym'} {group}"
+        act = " act-order" if self.act_order and self.method == "gptq" else ""
+        return f"{self.method} {self.bits}-bit {'sym' if self.symmetric else 'asym'} {group}{act}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

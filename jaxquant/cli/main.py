@@ -163,26 +163,42 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     import jax
 
+    from jaxquant.calibration import Calibration
     from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
     from jaxquant.checkpoints.load import load_model, resolve
+    from jaxquant.data import load_text, sample_windows, tokenize
     from jaxquant.quantize import quantization_report, quantize
-    from jaxquant.recipes import QuantSpec, Recipe
+    from jaxquant.recipes import CALIBRATED, QuantSpec, Recipe
 
     resolve(args.model)
     spec = QuantSpec(method=args.method, bits=args.bits,
                      group_size=None if args.per_channel else args.group_size,
-                     symmetric=args.sym, scale_dtype=args.scale_dtype)
+                     symmetric=args.sym, scale_dtype=args.scale_dtype,
+                     act_order=args.act_order, static_groups=args.static_groups,
+                     damp=args.damp)
     recipe = Recipe.uniform(spec, args.pattern) if args.pattern else Recipe.uniform(spec)
     for out in (args.out, args.json):
         if out:
             check_output(out, force=args.force)
     text = _eval_text(args) if args.eval else None
+    calib_text = None
+    if args.method in CALIBRATED:
+        if not args.calib:
+            raise JaxquantError(f"--method {args.method} needs calibration text: --calib PATH")
+        calib_text = load_text(args.calib, args.calib_format)
     model = load_model(args.model, dtype=args.dtype)
     specs, unused = recipe.plan(_paths(model.params))
     if not specs:
         raise JaxquantError(f"the recipe matches no parameter of {args.model}")
+    calibration = None
+    if calib_text is not None:
+        ids = tokenize(model.tokenizer, calib_text)
+        calibration = Calibration(
+            config=model.config, batch_size=args.batch_size, progress=not args.quiet,
+            windows=sample_windows(ids, args.calib_seq_len, args.calib_windows,
+                                   seed=args.calib_seed))
     start = time.perf_counter()
-    qparams = jax.block_until_ready(quantize(model.params, recipe))
+    qparams = jax.block_until_ready(quantize(model.params, recipe, calibration))
     seconds = time.perf_counter() - start
     report = quantization_report(model.params, qparams)
     summary = {
@@ -191,6 +207,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "scale_dtype": spec.scale_dtype, "recipe": recipe.to_dict(),
         "unused_rules": [r.pattern for r in unused], "seconds": seconds, **report,
     }
+    if calibration is not None:
+        summary["calibration"] = {"data": str(args.calib), "windows": args.calib_windows,
+                                  "seq_len": args.calib_seq_len, "seed": args.calib_seed}
     print(f"{spec.describe()}: {report['quantized_layers']} layers, "
           f"{report['avg_bits']:.3f} bits/weight, model {report['float_bytes'] / 2**20:.1f} MiB "
           f"-> {report['quantized_bytes'] / 2**20:.1f} MiB in {seconds:.1f} s")
@@ -302,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model (RTN), save it, compare perplexity",
                        description=cmd_quantize.__doc__)
     _add_model(p)
-    p.add_argument("--method", default="rtn", choices=["rtn"], help="algorithm (rtn)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn (no data) or gptq (needs --calib)")
     p.add_argument("--bits", type=int, default=4, help="code width, 2 to 8 (4)")
     p.add_argument("--group-size", type=_positive, default=128,
                    help="input channels per scale and zero (128)")
@@ -311,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sym", action="store_true", help="symmetric: no zero points stored")
     p.add_argument("--scale-dtype", default="bfloat16",
                    choices=["bfloat16", "float16", "float32"], help="scale/zero dtype")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq: columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true",
+                   help="gptq: group scales from the float weights, found up front")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="gptq: relative Hessian damping (0.01), raised on failure")
+    p.add_argument("--calib", metavar="PATH", help="calibration text file or folder of .txt")
+    p.add_argument("--calib-format", default="wikitext", choices=["wikitext", "plain"])
+    p.add_argument("--calib-windows", type=_positive, default=128,
+                   help="random calibration windows (128)")
+    p.add_argument("--calib-seq-len", type=_positive, default=2048,
+                   help="tokens per calibration window (2048)")
+    p.add_argument("--calib-seed", type=int, default=0,
+                   help="seed of the window sampling (0, as the GPTQ reference)")
     p.add_argument("--pattern", metavar="REGEX",
                    help="parameter paths to quantize (default: every linear layer of "
                         "every block)")

@@ -226,3 +226,32 @@ def decode_step(params: Params, cfg: ModelConfig, tokens: jax.Array,
             raise ValueError(f"KV cache overflow: {int(length)} cached + {tokens.shape[1]} new "
                              f"tokens exceed its capacity of {max_len}")
     return bind(params, cfg)(tokens, cache=cache)
+
+
+# ----------------------------------------------------------------------------------------
+# Block-level pieces for calibration (layer-by-layer quantization).
+
+
+@functools.lru_cache(maxsize=512)
+def _block_graphdef(cfg: ModelConfig, layer: int) -> nnx.GraphDef:
+    block = _BLOCKS.get(cfg.family, LlamaBlock)
+    abstract = nnx.eval_shape(lambda: block(cfg, layer, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)[0]
+
+
+def bind_block(block_params: Params, cfg: ModelConfig, layer: int) -> nnx.Module:
+    """The NNX module of decoder block ``layer`` holding ``block_params``."""
+    return nnx.merge(_block_graphdef(cfg, layer), block_params)
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Input of the first block: (scaled) token embeddings ``[B, T, hidden]``."""
+    dtype = params["norm"]["weight"].dtype
+    return bind(params, cfg).embed_tokens(tokens, dtype)
+
+
+def apply_block(block_params: Params, cfg: ModelConfig, layer: int, x: jax.Array) -> jax.Array:
+    """Output of decoder block ``layer`` for its input ``x [B, T, hidden]`` (no cache)."""
+    b, t, _ = x.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return bind_block(block_params, cfg, layer)(x, positions, None, None)[0]
