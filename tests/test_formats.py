@@ -40,6 +40,22 @@ def test_pack_round_trip_and_size(bits, k):
         assert sum(p.size for p in planes) * 32 == 5 * k * bits
 
 
+def numpy_group_params(block: np.ndarray, bits: int, sym: bool,
+                       scale_dtype=ml_dtypes.bfloat16) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ's quantizer range for each row of ``block``: scale and zero, in numpy."""
+    maxq = 2 ** bits - 1
+    lo = np.minimum(block.min(axis=1), 0)
+    hi = np.maximum(block.max(axis=1), 0)
+    if sym:
+        hi = np.maximum(-lo, hi)
+        lo = -hi
+    dead = (lo == 0) & (hi == 0)
+    lo[dead], hi[dead] = -1, 1
+    scale = ((hi - lo) / maxq).astype(scale_dtype).astype(np.float32)
+    zero = np.full_like(scale, 2 ** (bits - 1)) if sym else np.round(-lo / scale)
+    return scale, zero
+
+
 def numpy_rtn(w: np.ndarray, bits: int, group: int | None, sym: bool, scale_dtype) -> np.ndarray:
     """Straightforward RTN (GPTQ's quantizer), group by group, in numpy."""
     w = w.astype(np.float32)
@@ -49,15 +65,7 @@ def numpy_rtn(w: np.ndarray, bits: int, group: int | None, sym: bool, scale_dtyp
     out = np.empty_like(w)
     for start in range(0, k, g):
         block = w[:, start:start + g]
-        lo = np.minimum(block.min(axis=1), 0)
-        hi = np.maximum(block.max(axis=1), 0)
-        if sym:
-            hi = np.maximum(-lo, hi)
-            lo = -hi
-        dead = (lo == 0) & (hi == 0)
-        lo[dead], hi[dead] = -1, 1
-        scale = ((hi - lo) / maxq).astype(scale_dtype).astype(np.float32)
-        zero = np.full_like(scale, 2 ** (bits - 1)) if sym else np.round(-lo / scale)
+        scale, zero = numpy_group_params(block, bits, sym, scale_dtype)
         q = np.clip(np.round(block / scale[:, None]) + zero[:, None], 0, maxq)
         out[:, start:start + g] = scale[:, None] * (q - zero[:, None])
     return out

@@ -5,27 +5,13 @@ from __future__ import annotations
 import zlib
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
 from jaxquant.algorithms.gptq import HessianError, gptq, inverse_cholesky, proxy_loss
 from jaxquant.algorithms.rtn import rtn
 from jaxquant.formats import MixedWeight, UniformWeight
-
-
-def _params(block: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
-    maxq = 2 ** bits - 1
-    lo = np.minimum(block.min(axis=1), 0)
-    hi = np.maximum(block.max(axis=1), 0)
-    if sym:
-        hi = np.maximum(-lo, hi)
-        lo = -hi
-    dead = (lo == 0) & (hi == 0)
-    lo[dead], hi[dead] = -1, 1
-    scale = ((hi - lo) / maxq).astype(ml_dtypes.bfloat16).astype(np.float32)
-    zero = np.full_like(scale, 2 ** (bits - 1)) if sym else np.round(-lo / scale)
-    return scale, zero
+from tests.test_formats import numpy_group_params
 
 
 def numpy_gptq(w, h, *, bits, group, sym, block=128, damp=0.01, act_order=False):
@@ -39,7 +25,7 @@ def numpy_gptq(w, h, *, bits, group, sym, block=128, damp=0.01, act_order=False)
     h[dead, dead] = 1
     w[:, dead] = 0
     if group is None:
-        scale, zero = _params(w, bits, sym)
+        scale, zero = numpy_group_params(w, bits, sym)
     perm = np.arange(k)
     if act_order:
         perm = np.argsort(-np.diag(h), kind="stable")
@@ -55,7 +41,7 @@ def numpy_gptq(w, h, *, bits, group, sym, block=128, damp=0.01, act_order=False)
         for i in range(i2 - i1):
             col = i1 + i
             if group is not None and col % g == 0:
-                scale, zero = _params(w[:, col:col + g], bits, sym)
+                scale, zero = numpy_group_params(w[:, col:col + g], bits, sym)
             c = np.clip(np.round(w1[:, i] / scale) + zero, 0, maxq)
             q[:, col] = scale * (c - zero)
             e = (w1[:, i] - q[:, col]) / u1[i, i]
