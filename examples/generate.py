@@ -1,4 +1,4 @@
-"""Greedy text generation with the KV cache (embedded SmolLM2-135M-Instruct).
+"""Greedy text generation with the KV cache, float and 4-bit (embedded SmolLM2-135M-Instruct).
 
     python examples/generate.py "The three primary colours are" --tokens 24
 """
@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import jax.numpy as jnp
-
 import jaxquant
-from jaxquant.models import transformer
 
 
 def main() -> None:
@@ -21,19 +17,14 @@ def main() -> None:
     args = parser.parse_args()
 
     model = jaxquant.load_model("smollm2-135m")
-    cfg, params, tok = model.config, model.params, model.tokenizer
-    prompt = jnp.asarray(jaxquant.tokenize(tok, args.prompt))[None]
-    step = jax.jit(transformer.decode_step, static_argnums=1)
-    cache = transformer.init_cache(cfg, batch=1, max_len=prompt.shape[1] + args.tokens)
-    logits, cache = step(params, cfg, prompt, cache)
-    out = []
-    for _ in range(args.tokens):
-        nxt = jnp.argmax(logits[:, -1], axis=-1)
-        if cfg.eos_token_id is not None and int(nxt[0]) == cfg.eos_token_id:
-            break
-        out.append(int(nxt[0]))
-        logits, cache = step(params, cfg, nxt[:, None], cache)
-    print(args.prompt + tok.decode(out))
+    prompt = jaxquant.tokenize(model.tokenizer, args.prompt)
+    qparams = jaxquant.quantize(model.params, jaxquant.Recipe.uniform(
+        jaxquant.QuantSpec(bits=4, group_size=128)))
+    stop = () if model.config.eos_token_id is None else (model.config.eos_token_id,)
+    for name, params in (("float32", model.params), ("rtn 4-bit g128", qparams)):
+        ids = jaxquant.greedy_generate(params, model.config, prompt,
+                                       max_new_tokens=args.tokens, stop_ids=stop)
+        print(f"[{name}] {args.prompt}{model.tokenizer.decode(ids)}")
 
 
 if __name__ == "__main__":
