@@ -14,12 +14,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxquant.algorithms.gptq import HessianError, gptq
 from jaxquant.algorithms.rtn import rtn
 from jaxquant.calibration import sequential_quantize
-from jaxquant.formats.base import QuantizedWeight, is_quantized
+from jaxquant.formats.base import QuantizedWeight, is_quantized, tree_nbytes
 from jaxquant.params import flatten, unflatten
 from jaxquant.recipes import CALIBRATED, QuantSpec, Recipe, RecipeError
 
@@ -119,11 +118,6 @@ def quantize(params: Params, recipe: Recipe, calibration: Any = None) -> Params:
     return unflatten(out)
 
 
-def _nbytes(x: Any) -> int:
-    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-               for leaf in jax.tree.leaves(x))
-
-
 @jax.jit
 def _relative_error(w: jax.Array, q: jax.Array) -> jax.Array:
     w = w.astype(jnp.float32)
@@ -153,8 +147,8 @@ def quantization_report(params: Params, qparams: Params) -> dict[str, Any]:
         }
     return {
         "avg_bits": bits / weights if weights else None,
-        "quantized_bytes": _nbytes(qparams),
-        "float_bytes": _nbytes(params),
+        "quantized_bytes": tree_nbytes(qparams),
+        "float_bytes": tree_nbytes(params),
         "quantized_layers": len(layers),
         "layers": layers,
     }

@@ -47,7 +47,8 @@ def static(**kwargs: Any) -> Any:
     return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
-def _nbytes(x: Any) -> int:
+def tree_nbytes(x: Any) -> int:
+    """Exact bytes of all arrays in a pytree."""
     return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
                for leaf in jax.tree.leaves(x))
 
@@ -73,7 +74,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Exact bytes of all arrays held."""
-        return _nbytes(self)
+        return tree_nbytes(self)
 
     @property
     def num_weights(self) -> int:
