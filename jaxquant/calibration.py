@@ -1,12 +1,24 @@
 """Sequential (layer-by-layer) calibration, as GPTQ does it.
 
 Block by block: the inputs of block ``i`` are computed by the *already quantized*
-blocks ``0..i-1``; for every linear layer of the block the Hessian of its
-reconstruction loss, ``H = 2 X^T X / n`` over all calibration tokens (float32,
-``precision=HIGHEST``), is accumulated over batches of windows; the block's layers
-are quantized with their method; and the quantized block computes the next block's
-inputs. Memory: one block's parameters plus the current activations of the
-calibration windows (``[windows, seq_len, hidden]``), never the whole model's.
+blocks ``0..i-1``; for every linear layer of the block the statistics of its inputs
+are accumulated over batches of calibration windows:
+
+* the Hessian of its reconstruction loss, ``H = 2 X^T X / n`` over all calibration
+  tokens (float32, ``precision=HIGHEST``);
+* the per-channel maximum ``max_t |X_tj|`` (for smoothing and outlier methods);
+* optionally a strided sample of the input rows themselves (for methods that score
+  candidate quantizations on real layer outputs, such as SliM-LLM's KL search).
+
+The block's layers are quantized with their method, an optional block-level step runs
+(SliM-LLM+ trains its clipping on block outputs there), and the quantized block
+computes the next block's inputs. With ``true_sequential`` the statistics of a
+layer are collected *after* the layers feeding it inside the block are quantized
+(stages q/k/v, o, gate/up, down), as the GPTQ reference's ``--true-sequential``.
+
+Memory: one block's parameters, the current activations of the calibration windows
+(``[windows, seq_len, hidden]``, float32) and one batch's intermediate activations;
+never the whole model's activations.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,20 +39,49 @@ from jaxquant.models import transformer
 from jaxquant.models.config import ModelConfig
 from jaxquant.params import flatten, unflatten
 
+#: Stages of a block for ``true_sequential``: layers that read the same input.
+STAGES = (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+          ("self_attn.o_proj.weight",),
+          ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+          ("mlp.down_proj.weight",))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Calibration:
-    """Calibration data for methods that need it (GPTQ and later)."""
+    """Calibration data and how to feed it, for methods that need it (GPTQ and later)."""
 
     config: ModelConfig  # the model the windows are fed through
     windows: np.ndarray  # int32 token windows [n, seq_len]
     batch_size: int = 8  # windows per forward step
-    progress: bool = True  # show a progress bar per block
+    progress: bool = True  # show a progress bar per block, with the running layer error
+    true_sequential: bool = False  # collect each stage's inputs after quantizing earlier ones
+    sample_tokens: int = 4096  # input rows kept per layer for methods that need activations
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _block_grams(block_params: Any, cfg: ModelConfig, layer: int, x: jax.Array) -> Any:
-    with ops.capture_inputs():
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerInputs:
+    """What calibration knows of one linear layer's inputs ``X [n_tokens, in]``."""
+
+    hessian: jax.Array  # 2 X^T X / n, float32 [in, in]
+    absmax: jax.Array  # max_t |X_tj|, float32 [in]
+    sample: jax.Array | None  # a strided sample of rows of X, float32 [m, in]
+    tokens: int  # n, calibration tokens the statistics are over
+
+
+#: ``fn(path, weight, spec, inputs) -> QuantizedWeight``
+LayerFn = Callable[[str, jax.Array, Any, LayerInputs], Any]
+#: ``fn(config, layer, float_block, quantized_block, inputs, specs) -> (block, info)``:
+#: a block-level step after the block's layers are quantized (``inputs``: the block's
+#: input activations, a list of ``[batch, seq, hidden]`` arrays; ``info``: a JSON-able
+#: dict for the statistics).
+BlockFn = Callable[[ModelConfig, int, Any, Any, list[jax.Array], dict[str, Any]],
+                   tuple[Any, dict[str, Any]]]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 4))
+def _block_stats(block_params: Any, cfg: ModelConfig, layer: int, x: jax.Array,
+                 sample_stride: int) -> Any:
+    with ops.capture_inputs(sample_stride):
         block = transformer.bind_block(block_params, cfg, layer)
         b, t, _ = x.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -48,70 +90,144 @@ def _block_grams(block_params: Any, cfg: ModelConfig, layer: int, x: jax.Array) 
             return blk(x, positions, None, None)[0]
 
         if hasattr(nnx, "capture"):  # flax >= 0.12.8: sow only inside nnx.capture
-            _, grams = nnx.capture(run, nnx.Intermediate)(block, x, positions)
+            _, stats = nnx.capture(run, nnx.Intermediate)(block, x, positions)
         else:
             run(block, x, positions)
-            grams = nnx.state(block, nnx.Intermediate)
-    return nnx.to_pure_dict(grams)
+            stats = nnx.state(block, nnx.Intermediate)
+    return nnx.to_pure_dict(stats)
 
 
-_apply_block = jax.jit(transformer.apply_block, static_argnums=(1, 2))
+apply_block = jax.jit(transformer.apply_block, static_argnums=(1, 2))
 _embed = jax.jit(transformer.embed, static_argnums=1)
 
 
-def _gram_paths(grams: Any) -> dict[str, jax.Array]:
-    """``{"self_attn.q_proj.input_gram": (g,)}`` -> ``{"self_attn.q_proj.weight": g}``."""
-    out = {}
-    for path, value in flatten(grams).items():
-        head, _, _ = path.partition(".input_gram")
-        out[head + ".weight"] = value
+def _layer_stats(stats: Any) -> dict[str, dict[str, jax.Array]]:
+    """``{"mlp": {"up_proj": {"input_gram": (g,)}}}`` -> ``{"mlp.up_proj.weight": {...}}``."""
+    out: dict[str, dict[str, jax.Array]] = {}
+    for path, value in flatten(stats).items():
+        for name in ("input_gram", "input_absmax", "input_sample"):
+            head, sep, _ = path.partition("." + name)
+            if sep:
+                v = value[0] if isinstance(value, (tuple, list)) else value
+                out.setdefault(head + ".weight", {})[name] = v
     return out
 
 
-def sequential_quantize(params: Any, calibration: Calibration,
-                        quantize_layer: Any, specs: dict[str, Any]) -> tuple[Any, dict]:
-    """Quantizes the block layers in ``specs`` block by block with calibration Hessians.
+@jax.jit
+def relative_layer_error(w: jax.Array, q: jax.Array, h: jax.Array) -> jax.Array:
+    """``tr(D H D^T) / tr(W H W^T)``, ``D = W - Q``: the relative output error on X."""
+    w = w.astype(jnp.float32)
+    d = w - q.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    num = jnp.sum(jnp.matmul(d, h, precision=hi) * d)
+    den = jnp.sum(jnp.matmul(w, h, precision=hi) * w)
+    return num / jnp.maximum(den, 1e-30)
+
+
+def _stages(paths: list[str], true_sequential: bool) -> list[list[str]]:
+    if not true_sequential:
+        return [paths]
+    stages = [[p for p in stage if p in paths] for stage in STAGES]
+    rest = [p for p in paths if not any(p in s for s in STAGES)]
+    return [s for s in [*stages, rest] if s]
+
+
+def collect_inputs(block_params: Any, cfg: ModelConfig, layer: int, xs: list[jax.Array],
+                   paths: list[str], sample_tokens: int = 0) -> dict[str, LayerInputs]:
+    """Input statistics of the linear layers ``paths`` of one block over batches ``xs``."""
+    tokens = sum(int(np.prod(x.shape[:2])) for x in xs)
+    stride = 0
+    if sample_tokens > 0:
+        stride = max(1, tokens // sample_tokens)
+        stride += stride % 2 == 0 and stride > 1  # odd: do not always hit the same positions
+    acc: dict[str, dict[str, Any]] = {}
+    for x in xs:
+        for path, st in _layer_stats(_block_stats(block_params, cfg, layer, x, stride)).items():
+            if path not in paths:
+                continue
+            a = acc.setdefault(path, {"gram": 0.0, "absmax": 0.0, "sample": []})
+            a["gram"] = a["gram"] + st["input_gram"]
+            a["absmax"] = jnp.maximum(a["absmax"], st["input_absmax"])
+            if "input_sample" in st:
+                a["sample"].append(st["input_sample"])
+    return {p: LayerInputs(hessian=a["gram"] * (2.0 / tokens), absmax=a["absmax"],
+                           sample=jnp.concatenate(a["sample"]) if a["sample"] else None,
+                           tokens=tokens)
+            for p, a in acc.items()}
+
+
+def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: LayerFn,
+                        specs: dict[str, Any], *, block_fn: BlockFn | None = None,
+                        sample_tokens: int = 0) -> tuple[Any, dict]:
+    """Quantizes the block layers in ``specs`` block by block on calibration inputs.
 
     Args:
       params: Float params.
-      calibration: Windows and config.
-      quantize_layer: ``fn(path, weight, spec, hessian) -> QuantizedWeight``.
+      calibration: Windows, config and feeding options.
+      quantize_layer: ``fn(path, weight, spec, inputs) -> QuantizedWeight``.
       specs: Parameter path -> spec, for the layers to quantize.
+      block_fn: Optional block-level step after a block's layers are quantized.
+      sample_tokens: Input rows to keep per layer (0: none; the methods ask for them).
 
     Returns:
-      ``(qparams, stats)`` with per-layer calibration statistics (tokens, seconds).
+      ``(qparams, stats)``: ``stats["layers"][path]`` holds ``seconds`` and
+      ``relative_error`` (``tr(D H D^T) / tr(W H W^T)`` on the layer's calibration
+      inputs), ``stats["tokens"]`` and ``stats["seconds"]`` the totals, and
+      ``stats["blocks"][layer]`` what the block step reported.
     """
     from tqdm.auto import tqdm
 
+    start_all = time.perf_counter()
     cfg = calibration.config
     windows = np.asarray(calibration.windows, np.int32)
     bs = max(1, calibration.batch_size)
     flat = dict(flatten(params))
     xs = [_embed(params, cfg, jnp.asarray(windows[i:i + bs]))
           for i in range(0, len(windows), bs)]
-    tokens = int(windows.size)
     stats: dict[str, Any] = {}
+    errors: list[float] = []
+    blocks: dict[int, Any] = {}
     bar = tqdm(range(cfg.num_layers), desc="calibrate", unit="block",
                disable=not calibration.progress, leave=False)
     for layer in bar:
         prefix = f"layers.{layer}."
-        block_params = params["layers"][layer]
+        float_block = params["layers"][layer]
         wanted = {p[len(prefix):]: s for p, s in specs.items() if p.startswith(prefix)}
-        if wanted:
-            hessians: dict[str, jax.Array] = {}
-            for x in xs:
-                for path, g in _gram_paths(_block_grams(block_params, cfg, layer, x)).items():
-                    if path in wanted:
-                        g = g[0] if isinstance(g, (tuple, list)) else g
-                        hessians[path] = hessians.get(path, 0.0) + g
-            qblock = dict(flatten(block_params))
-            for path, spec in wanted.items():
+        float_block_flat = flatten(float_block)
+        qblock = dict(float_block_flat)
+        block_inputs: dict[str, LayerInputs] = {}
+        for stage in _stages(sorted(wanted), calibration.true_sequential):
+            inputs = collect_inputs(unflatten(qblock), cfg, layer, xs, stage, sample_tokens)
+            block_inputs.update(inputs)
+            for path in stage:
                 start = time.perf_counter()
-                h = hessians[path] * (2.0 / tokens)
-                qblock[path] = quantize_layer(prefix + path, qblock[path], spec, h)
-                flat[prefix + path] = qblock[path]
-                stats[prefix + path] = {"seconds": time.perf_counter() - start}
-            block_params = unflatten(qblock)
-        xs = [_apply_block(block_params, cfg, layer, x) for x in xs]
+                w = qblock[path]
+                q = quantize_layer(prefix + path, w, wanted[path], inputs[path])
+                err = float(relative_layer_error(w, q.dequantize(jnp.float32),
+                                                 inputs[path].hessian))
+                qblock[path] = q
+                errors.append(err)
+                stats[prefix + path] = {"seconds": time.perf_counter() - start,
+                                        "relative_error": err}
+                bar.set_postfix_str(f"{path.removesuffix('.weight')} err {err:.2e} "
+                                    f"(mean {np.mean(errors):.2e})")
+        block_params = unflatten(qblock)
+        if block_fn is not None and wanted:
+            block_params, info = block_fn(cfg, layer, float_block, block_params, xs, wanted)
+            blocks[layer] = info
+            qblock = dict(flatten(block_params))
+            for path in wanted:  # the block step changed the weights: errors after it
+                st = stats[prefix + path]
+                st["relative_error_before_block_step"] = st["relative_error"]
+                st["relative_error"] = float(relative_layer_error(
+                    float_block_flat[path], qblock[path].dequantize(jnp.float32),
+                    block_inputs[path].hessian))
+        for path in wanted:
+            flat[prefix + path] = qblock[path]
+        xs = [apply_block(block_params, cfg, layer, x) for x in xs]
     bar.close()
-    return unflatten(flat), {"tokens": tokens, "layers": stats}
+    out = {"tokens": int(windows.size), "layers": stats,
+           "seconds": time.perf_counter() - start_all}
+    if blocks:
+        out["blocks"] = blocks
+    return unflatten(flat), out

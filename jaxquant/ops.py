@@ -26,17 +26,21 @@ _LINEAR: dict[type, LinearImpl] = {}
 _EMBED: dict[type, EmbedImpl] = {}
 
 
-_CAPTURE = contextvars.ContextVar("jaxquant_capture_inputs", default=False)
+_CAPTURE: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "jaxquant_capture_inputs", default=None)
 
 
 @contextlib.contextmanager
-def capture_inputs() -> Iterator[None]:
-    """While tracing inside this context, linear layers sow ``X^T X`` of their inputs.
+def capture_inputs(sample_stride: int = 0) -> Iterator[None]:
+    """While tracing inside this context, linear layers record statistics of their inputs.
 
     A trace-time switch (it changes what is traced, not a runtime flag): calibration
-    traces blocks inside it and reads the ``nnx.Intermediate`` ``input_gram`` values.
+    traces blocks inside it and reads these ``nnx.Intermediate`` values per layer:
+    ``input_gram`` (``X^T X``, float32), ``input_absmax`` (``max |X_j|`` per input
+    channel) and, when ``sample_stride > 0``, ``input_sample`` (every
+    ``sample_stride``-th token row of ``X``).
     """
-    token = _CAPTURE.set(True)
+    token = _CAPTURE.set(int(sample_stride))
     try:
         yield
     finally:
@@ -45,7 +49,12 @@ def capture_inputs() -> Iterator[None]:
 
 def capturing_inputs() -> bool:
     """True inside :func:`capture_inputs`."""
-    return _CAPTURE.get()
+    return _CAPTURE.get() is not None
+
+
+def capture_sample_stride() -> int:
+    """Token stride of the captured input sample (0: no sample)."""
+    return _CAPTURE.get() or 0
 
 
 def register_linear(weight_type: type, impl: LinearImpl) -> None:

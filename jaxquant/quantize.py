@@ -8,7 +8,9 @@ SliM-LLM, CLAQ) plug into the same call through ``calibration``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +19,16 @@ import jax.numpy as jnp
 
 from jaxquant.algorithms.gptq import HessianError, gptq
 from jaxquant.algorithms.rtn import rtn
-from jaxquant.calibration import sequential_quantize
+from jaxquant.algorithms.slim import slim
+from jaxquant.algorithms.slim_plus import train_block
+from jaxquant.calibration import BlockFn, Calibration, LayerInputs, sequential_quantize
 from jaxquant.formats.base import QuantizedWeight, is_quantized, tree_nbytes
 from jaxquant.params import flatten, unflatten
 from jaxquant.recipes import CALIBRATED, QuantSpec, Recipe, RecipeError
 
 Params = dict[str, Any]
-#: method name -> fn(weight, spec, calibration) -> QuantizedWeight
+#: method name -> fn(weight, spec, inputs) -> QuantizedWeight; ``inputs`` is the layer's
+#: :class:`LayerInputs` for calibrated methods and None otherwise.
 QuantizeFn = Callable[[jax.Array, QuantSpec, Any], QuantizedWeight]
 
 
@@ -33,25 +38,85 @@ def _rtn_jit(w, *, bits, group_size, symmetric, scale_dtype):
                scale_dtype=scale_dtype)
 
 
-def _rtn(w: jax.Array, spec: QuantSpec, calibration: Any) -> QuantizedWeight:
-    del calibration
+def _rtn(w: jax.Array, spec: QuantSpec, inputs: Any) -> QuantizedWeight:
+    del inputs
     return _rtn_jit(w, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
                     scale_dtype=jnp.dtype(spec.scale_dtype))
 
 
-def _gptq(w: jax.Array, spec: QuantSpec, hessian: Any) -> QuantizedWeight:
-    return gptq(w, hessian, bits=spec.bits, group_size=spec.group_size,
+def _gptq(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight:
+    return gptq(w, inputs.hessian, bits=spec.bits, group_size=spec.group_size,
                 symmetric=spec.symmetric, scale_dtype=jnp.dtype(spec.scale_dtype),
                 block_size=spec.block_size, damp=spec.damp, act_order=spec.act_order,
-                static_groups=spec.static_groups)
+                static_groups=spec.static_groups, mse=spec.mse)
 
 
-_METHODS: dict[str, QuantizeFn] = {"rtn": _rtn, "gptq": _gptq}
+def _slim(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight:
+    return slim(w, inputs.hessian, bits=spec.bits, group_size=spec.group_size,
+                inputs=inputs.sample, salience_weight=spec.salience_weight,
+                act_order=spec.act_order, damp=spec.damp,
+                scale_dtype=jnp.dtype(spec.scale_dtype))
 
 
-def register_method(name: str, fn: QuantizeFn) -> None:
-    """Makes ``QuantSpec(method=name)`` call ``fn(weight, spec, calibration)``."""
+def _slim_plus_block(cfg: Any, layer: int, float_block: Any, qblock: Any, xs: Any,
+                     specs: dict[str, QuantSpec]) -> tuple[Any, dict[str, Any]]:
+    spec = next(iter(specs.values()))
+    return train_block(cfg, layer, float_block, qblock, xs, epochs=spec.lwc_epochs,
+                       learning_rate=spec.lwc_lr, scale_dtype=jnp.dtype(spec.scale_dtype))
+
+
+#: Calibration input rows SliM-LLM's KL search uses per layer.
+SBA_TOKENS = 4096
+
+_METHODS: dict[str, QuantizeFn] = {"rtn": _rtn, "gptq": _gptq, "slim": _slim, "slim+": _slim}
+
+
+#: Block-level steps after a block's layers are quantized (SliM-LLM+), per method.
+_BLOCK_STEPS: dict[str, BlockFn] = {"slim+": _slim_plus_block}
+#: Input rows per layer that a method needs (SliM-LLM scores bit maps on real outputs).
+_SAMPLE_TOKENS: dict[str, int] = {"slim": SBA_TOKENS, "slim+": SBA_TOKENS}
+
+
+def register_method(name: str, fn: QuantizeFn, *, block_step: BlockFn | None = None,
+                    sample_tokens: int = 0) -> None:
+    """Makes ``QuantSpec(method=name)`` call ``fn(weight, spec, inputs)``.
+
+    Args:
+      name: Method name.
+      fn: Per-layer quantizer.
+      block_step: Optional ``fn(layer, float_block, qblock, xs, specs) -> qblock`` run
+        after each block's layers are quantized (calibrated methods only).
+      sample_tokens: Rows of each layer's inputs the method needs in
+        ``LayerInputs.sample``.
+    """
     _METHODS[name] = fn
+    if block_step is not None:
+        _BLOCK_STEPS[name] = block_step
+    if sample_tokens:
+        _SAMPLE_TOKENS[name] = sample_tokens
+
+
+def _calibrated_layer(path: str, w: Any, spec: QuantSpec, inputs: LayerInputs) -> Any:
+    """Runs a calibrated method on one layer, handling degenerate calibration inputs.
+
+    * Inputs with NaN/Inf (the model overflowed on the calibration text): error.
+    * Inputs that are all zero carry no information about the layer: it falls back to
+      RTN with the same bits and groups, with a warning (the run goes on).
+    * A Hessian that stays non-positive-definite after every damping increase: error
+      naming the layer (nothing is written).
+    """
+    h = inputs.hessian
+    if not bool(jnp.isfinite(h).all()):
+        raise RecipeError(f"{path}: its calibration inputs contain NaN or Inf (the model "
+                          "overflowed on the calibration text; calibrate in float32)")
+    if not bool(jnp.any(jnp.diag(h) > 0)):
+        warnings.warn(f"{path}: all calibration inputs of this layer are zero; it is "
+                      "quantized with RTN instead", stacklevel=2)
+        return _rtn(w, dataclasses.replace(spec, method="rtn", act_order=False), None)
+    try:
+        return _METHODS[spec.method](w, spec, inputs)
+    except HessianError as e:
+        raise RecipeError(f"{path}: {e}") from e
 
 
 def check_weight(path: str, w: Any, spec: QuantSpec) -> None:
@@ -69,7 +134,8 @@ def check_weight(path: str, w: Any, spec: QuantSpec) -> None:
         raise RecipeError(f"{path} contains NaN or Inf values")
 
 
-def quantize(params: Params, recipe: Recipe, calibration: Any = None) -> Params:
+def quantize(params: Params, recipe: Recipe, calibration: Calibration | None = None, *,
+             return_stats: bool = False) -> Params | tuple[Params, dict[str, Any]]:
     """Quantizes the parameters ``recipe`` selects.
 
     Args:
@@ -79,8 +145,12 @@ def quantize(params: Params, recipe: Recipe, calibration: Any = None) -> Params:
         (GPTQ). When given, block layers are quantized block by block, each block's
         inputs computed by the already quantized blocks before it.
 
+      return_stats: Also return calibration statistics (total and per-layer seconds,
+        per-layer relative output error on the calibration inputs).
+
     Returns:
-      A new pytree with quantized formats in place of the selected weights.
+      A new pytree with quantized formats in place of the selected weights (and the
+      statistics, ``{}`` without calibration, when ``return_stats``).
 
     Raises:
       RecipeError: a selected parameter cannot be quantized as asked (the message names
@@ -101,21 +171,22 @@ def quantize(params: Params, recipe: Recipe, calibration: Any = None) -> Params:
         if any(specs[p].method in CALIBRATED for p in outside):
             raise RecipeError(f"{outside[0]}: calibrated methods apply to block layers only")
 
-        def quantize_layer(path: str, w: Any, spec: QuantSpec, hessian: Any) -> Any:
-            try:
-                return _METHODS[spec.method](w, spec, hessian)
-            except HessianError as e:
-                raise RecipeError(f"{path}: {e}") from e
-
-        qparams, _ = sequential_quantize(params, calibration, quantize_layer, layered)
+        methods = {s.method for s in layered.values()}
+        steps = {_BLOCK_STEPS[m] for m in methods if m in _BLOCK_STEPS}
+        if len(steps) > 1:
+            raise RecipeError("one recipe can use at most one method with a block step")
+        block_fn = steps.pop() if steps else None
+        sample = max([_SAMPLE_TOKENS.get(m, 0) for m in methods], default=0)
+        qparams, stats = sequential_quantize(params, calibration, _calibrated_layer, layered,
+                                             block_fn=block_fn, sample_tokens=sample)
         out = dict(flatten(qparams))
         for path in outside:
             out[path] = _METHODS[specs[path].method](flat[path], specs[path], None)
-        return unflatten(out)
+        return (unflatten(out), stats) if return_stats else unflatten(out)
     out = dict(flat)
     for path, spec in specs.items():
         out[path] = _METHODS[spec.method](flat[path], spec, None)
-    return unflatten(out)
+    return (unflatten(out), {}) if return_stats else unflatten(out)
 
 
 @jax.jit

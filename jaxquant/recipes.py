@@ -23,9 +23,11 @@ from jaxquant.errors import JaxquantError
 #: Every linear layer inside the decoder blocks.
 BLOCK_LINEARS = r"layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.weight"
 #: Methods ``quantize`` knows; later modules add calibration-based ones.
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "slim", "slim+")
 #: Methods that need calibration data (layer Hessians).
-CALIBRATED = ("gptq",)
+CALIBRATED = ("gptq", "slim", "slim+")
+#: Mixed-precision methods: ``bits`` is the average over groups of N-1, N and N+1 bits.
+MIXED = ("slim", "slim+")
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -37,8 +39,8 @@ class RecipeError(JaxquantError):
 class QuantSpec:
     """How to quantize one weight."""
 
-    method: str = "rtn"  # algorithm: "rtn" or "gptq" (needs calibration data)
-    bits: int = 4  # code width, 2..8 (2, 3, 4 and 8 are the usual choices)
+    method: str = "rtn"  # algorithm: rtn, or gptq / slim / slim+ (need calibration data)
+    bits: int = 4  # code width, 2..8; slim/slim+: the exact average, 2..7
     group_size: int | None = 128  # input channels per scale; None: per output channel
     symmetric: bool = False  # symmetric range (no zeros stored)
     scale_dtype: str = "bfloat16"  # dtype of scales and zeros
@@ -46,6 +48,10 @@ class QuantSpec:
     static_groups: bool = False  # GPTQ: find group scales up front from the float weights
     damp: float = 0.01  # GPTQ: relative Hessian damping (raised when Cholesky fails)
     block_size: int = 128  # GPTQ: columns per lazy batch update
+    mse: bool = False  # GPTQ: search each group's range (shrink 1..0.21, |err|^2.4)
+    salience_weight: float = 4.0  # SliM-LLM SQC: error weight of salient weights (ref.: 1)
+    lwc_epochs: int = 10  # SliM-LLM+: passes over the calibration batches per block
+    lwc_lr: float = 5e-3  # SliM-LLM+: AdamW learning rate of the clipping parameters
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +61,13 @@ class QuantSpec:
         if self.group_size is not None and (not isinstance(self.group_size, int)
                                             or self.group_size < 1):
             raise RecipeError(f"group size must be a positive integer, got {self.group_size!r}")
+        if self.method in MIXED and self.bits > 7:
+            raise RecipeError(f"{self.method} averages N-1/N/N+1 bits: use N from 2 to 7")
+        if self.method in MIXED and self.symmetric:
+            raise RecipeError(f"{self.method} stores asymmetric groups (1-bit groups need a "
+                              "zero point): drop --sym")
+        if self.method in MIXED and self.group_size is None:
+            raise RecipeError(f"{self.method} allocates bits per group: give a group size")
         if self.scale_dtype not in SCALE_DTYPES:
             raise RecipeError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got "
                               f"{self.scale_dtype!r}")
@@ -62,7 +75,7 @@ class QuantSpec:
     def describe(self) -> str:
         """``rtn 4-bit asym g128`` style label."""
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        act = " act-order" if self.act_order and self.method == "gptq" else ""
+        act = " act-order" if self.act_order and self.method in CALIBRATED else ""
         return f"{self.method} {self.bits}-bit {'sym' if self.symmetric else 'asym'} {group}{act}"
 
 

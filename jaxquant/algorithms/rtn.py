@@ -15,6 +15,7 @@ codes were chosen for.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -23,17 +24,34 @@ import jax.numpy as jnp
 from jaxquant.formats.uniform import UniformWeight, expand_groups, num_groups
 
 
-def group_params(w: jax.Array, *, bits: int, group_size: int, symmetric: bool,
-                 scale_dtype: Any = jnp.bfloat16) -> tuple[jax.Array, jax.Array]:
-    """Scales and zero points ``[out, groups]`` (float32) of RTN over groups of columns."""
-    n, k = w.shape
-    g = num_groups(k, group_size)
-    wf = w.astype(jnp.float32)
-    # Pad the short last group by repeating its last column: min/max are unchanged.
-    wp = jnp.pad(wf, ((0, 0), (0, g * group_size - k)), mode="edge").reshape(n, g, group_size)
-    lo = jnp.minimum(wp.min(axis=-1), 0.0)
-    hi = jnp.maximum(wp.max(axis=-1), 0.0)
-    maxq = 2 ** bits - 1
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClipSearch:
+    """A grid search of each group's range: ``[lo, hi] -> [f lo, f hi]`` for ``f`` in a grid.
+
+    The factor minimising ``sum_j weight_j |w_j - Q_f(w_j)|^norm`` over the group's
+    weights is kept. GPTQ's reference ``--mse`` option is ``ClipSearch()`` (factors
+    1, 0.99, ..., 0.21, norm 2.4, equal weights); SliM-LLM's SQC searches around 1 with
+    salience weights (:mod:`jaxquant.algorithms.slim`).
+    """
+
+    low: float = 0.2  # smallest factor (0.2: GPTQ's maxshrink 0.8)
+    high: float = 1.0  # largest factor (> 1 stretches the range)
+    steps: int = 80  # grid points from high down to low (GPTQ: 80 of spacing 0.01)
+    norm: float = 2.4  # error exponent (GPTQ: 2.4)
+    grid: tuple[float, ...] | None = None  # explicit factors in search order (overrides)
+
+    def factors(self) -> jax.Array:
+        """The grid, from ``high`` downwards (ties keep the earliest factor)."""
+        if self.grid is not None:
+            return jnp.asarray(self.grid, jnp.float32)
+        if self.steps == 1:
+            return jnp.asarray([self.high], jnp.float32)
+        return jnp.linspace(self.high, self.low, self.steps, dtype=jnp.float32)
+
+
+def _range_params(lo: jax.Array, hi: jax.Array, maxq: Any, symmetric: bool,
+                  scale_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero of the range ``[lo, hi]`` (``lo <= 0 <= hi``)."""
     if symmetric:
         hi = jnp.maximum(-lo, hi)
         lo = -hi
@@ -43,7 +61,58 @@ def group_params(w: jax.Array, *, bits: int, group_size: int, symmetric: bool,
     # Clamp before rounding to the storage dtype: a tiny range must not become scale 0.
     scale = jnp.maximum((hi - lo) / maxq, jnp.finfo(scale_dtype).tiny)
     scale = scale.astype(scale_dtype).astype(jnp.float32)
-    zero = jnp.full_like(scale, 2 ** (bits - 1)) if symmetric else jnp.round(-lo / scale)
+    if symmetric:
+        zero = jnp.broadcast_to((maxq + 1) // 2, scale.shape).astype(jnp.float32)
+    else:
+        zero = jnp.round(-lo / scale)
+    return scale, zero
+
+
+def group_params(w: jax.Array, *, bits: Any, group_size: int, symmetric: bool,
+                 scale_dtype: Any = jnp.bfloat16, clip: ClipSearch | None = None,
+                 weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Scales and zero points ``[out, groups]`` (float32) of RTN over groups of columns.
+
+    Args:
+      w: ``[out, in]`` weights.
+      bits: Code width (a Python int, or a traced integer scalar).
+      group_size: Columns per group (the last group may be shorter).
+      symmetric: Symmetric range.
+      scale_dtype: Storage dtype; scales are rounded to it before zeros are found.
+      clip: Optional range search; without it the range is ``[min, max]``.
+      weights: Optional ``[out, in]`` importance of each weight in the search error.
+    """
+    n, k = w.shape
+    g = num_groups(k, group_size)
+    pad = g * group_size - k
+    wf = w.astype(jnp.float32)
+    # Pad the short last group by repeating its last column: min/max are unchanged.
+    wp = jnp.pad(wf, ((0, 0), (0, pad)), mode="edge").reshape(n, g, group_size)
+    lo = jnp.minimum(wp.min(axis=-1), 0.0)
+    hi = jnp.maximum(wp.max(axis=-1), 0.0)
+    maxq = 2 ** jnp.asarray(bits, jnp.int32) - 1 if not isinstance(bits, int) else 2 ** bits - 1
+    maxq = jnp.asarray(maxq, jnp.float32)
+    if clip is None:
+        return _range_params(lo, hi, maxq, symmetric, scale_dtype)
+    # Search: padded columns weigh nothing.
+    wt = jnp.ones((n, k), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    wt = jnp.pad(wt, ((0, 0), (0, pad))).reshape(n, g, group_size)
+    factors = clip.factors()
+
+    def error(f: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        s, z = _range_params(lo * f, hi * f, maxq, symmetric, scale_dtype)
+        q = jnp.clip(jnp.round(wp / s[..., None]) + z[..., None], 0, maxq)
+        d = jnp.abs(s[..., None] * (q - z[..., None]) - wp)
+        return jnp.sum(wt * d ** clip.norm, axis=-1), s, z
+
+    def body(i: int, best: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        err, s, z = error(factors[i])
+        better = err < best[0]
+        return (jnp.where(better, err, best[0]), jnp.where(better, s, best[1]),
+                jnp.where(better, z, best[2]))
+
+    init = error(factors[0])
+    _, scale, zero = jax.lax.fori_loop(1, factors.shape[0], body, init)
     return scale, zero
 
 

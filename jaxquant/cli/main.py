@@ -168,16 +168,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from jaxquant.checkpoints.load import load_model, resolve
     from jaxquant.data import load_text, sample_windows, tokenize
     from jaxquant.quantize import quantization_report, quantize
-    from jaxquant.recipes import CALIBRATED, QuantSpec, Recipe
+    from jaxquant.recipes import CALIBRATED, MIXED, QuantSpec, Recipe
 
     resolve(args.model)
     spec = QuantSpec(method=args.method, bits=args.bits,
                      group_size=None if args.per_channel else args.group_size,
                      symmetric=args.sym, scale_dtype=args.scale_dtype,
                      act_order=args.act_order, static_groups=args.static_groups,
-                     damp=args.damp)
+                     damp=args.damp, mse=args.mse, salience_weight=args.salience_weight,
+                     lwc_epochs=args.lwc_epochs, lwc_lr=args.lwc_lr)
+    if args.bit_map and spec.method not in MIXED:
+        raise JaxquantError("--bit-map draws mixed-precision bit maps: use --method slim "
+                            "or slim+")
     recipe = Recipe.uniform(spec, args.pattern) if args.pattern else Recipe.uniform(spec)
-    for out in (args.out, args.json):
+    for out in (args.out, args.json, args.bit_map):
         if out:
             check_output(out, force=args.force)
     text = _eval_text(args) if args.eval else None
@@ -193,12 +197,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration = None
     if calib_text is not None:
         ids = tokenize(model.tokenizer, calib_text)
+        asked = args.calib_windows * args.calib_seq_len
+        if len(ids) < asked:
+            print(f"warning: the calibration text has {len(ids)} tokens, fewer than the "
+                  f"{args.calib_windows} x {args.calib_seq_len} = {asked} asked for; the "
+                  "random windows will overlap (use more text for a better calibration)",
+                  file=sys.stderr)
         calibration = Calibration(
-            config=model.config, batch_size=args.batch_size, progress=not args.quiet,
+            config=model.config, batch_size=args.calib_batch_size, progress=not args.quiet,
+            true_sequential=args.true_sequential,
             windows=sample_windows(ids, args.calib_seq_len, args.calib_windows,
                                    seed=args.calib_seed))
     start = time.perf_counter()
-    qparams = jax.block_until_ready(quantize(model.params, recipe, calibration))
+    qparams, stats = quantize(model.params, recipe, calibration, return_stats=True)
+    qparams = jax.block_until_ready(qparams)
     seconds = time.perf_counter() - start
     report = quantization_report(model.params, qparams)
     summary = {
@@ -209,12 +221,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     }
     if calibration is not None:
         summary["calibration"] = {"data": str(args.calib), "windows": args.calib_windows,
-                                  "seq_len": args.calib_seq_len, "seed": args.calib_seed}
+                                  "seq_len": args.calib_seq_len, "seed": args.calib_seed,
+                                  "true_sequential": args.true_sequential,
+                                  "seconds": stats["seconds"]}
+        for path, st in stats["layers"].items():
+            summary["layers"][path].update({f"calibration_{k}": v for k, v in st.items()})
+        if "blocks" in stats:
+            summary["calibration"]["blocks"] = {str(k): v for k, v in stats["blocks"].items()}
     print(f"{spec.describe()}: {report['quantized_layers']} layers, "
           f"{report['avg_bits']:.3f} bits/weight, model {report['float_bytes'] / 2**20:.1f} MiB "
           f"-> {report['quantized_bytes'] / 2**20:.1f} MiB in {seconds:.1f} s")
     for rule in unused:
         print(f"warning: rule {rule.pattern!r} matched no parameter", file=sys.stderr)
+    if args.bit_map:
+        from jaxquant.eval.plots import plot_bit_allocation
+
+        plot_bit_allocation(qparams, args.bit_map, title=f"{args.model}: {spec.describe()}")
+        print(f"wrote {args.bit_map}")
     if args.out:
         meta = {"source": model.source, "source_format": model.source_format,
                 "quantization": {k: summary[k] for k in (
@@ -293,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from jaxquant.recipes import QuantSpec
+
     p = sub.add_parser("eval", help="perplexity of a model on a text",
                        description=cmd_eval.__doc__)
     _add_model(p)
@@ -321,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model (RTN), save it, compare perplexity",
                        description=cmd_quantize.__doc__)
     _add_model(p)
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
-                   help="rtn (no data) or gptq (needs --calib)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "slim", "slim+"],
+                   help="rtn (no data); gptq, slim (SliM-LLM mixed precision) or slim+ "
+                        "(SliM-LLM+ learned clipping) need --calib")
     p.add_argument("--bits", type=int, default=4, help="code width, 2 to 8 (4)")
     p.add_argument("--group-size", type=_positive, default=128,
                    help="input channels per scale and zero (128)")
@@ -335,6 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: columns by decreasing Hessian diagonal")
     p.add_argument("--static-groups", action="store_true",
                    help="gptq: group scales from the float weights, found up front")
+    p.add_argument("--mse", action="store_true",
+                   help="gptq: search each group's range (shrink 1..0.21, |err|^2.4)")
+    p.add_argument("--salience-weight", type=float, default=QuantSpec.salience_weight,
+                   help="slim: SQC error weight of salient weights (reference: 1)")
+    p.add_argument("--lwc-epochs", type=_positive, default=QuantSpec.lwc_epochs,
+                   help="slim+: training passes over the calibration batches per block")
+    p.add_argument("--lwc-lr", type=float, default=QuantSpec.lwc_lr,
+                   help="slim+: AdamW learning rate of the clipping parameters")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="collect each layer's inputs after the layers before it in its "
+                        "block are quantized (q/k/v, o, gate/up, down)")
+    p.add_argument("--bit-map", metavar="PNG",
+                   help="slim/slim+: draw each layer's bit allocation into this PNG")
     p.add_argument("--damp", type=float, default=0.01,
                    help="gptq: relative Hessian damping (0.01), raised on failure")
     p.add_argument("--calib", metavar="PATH", help="calibration text file or folder of .txt")
@@ -343,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random calibration windows (128)")
     p.add_argument("--calib-seq-len", type=_positive, default=2048,
                    help="tokens per calibration window (2048)")
+    p.add_argument("--calib-batch-size", type=_positive, default=8,
+                   help="calibration windows per forward step (8)")
     p.add_argument("--calib-seed", type=int, default=0,
                    help="seed of the window sampling (0, as the GPTQ reference)")
     p.add_argument("--pattern", metavar="REGEX",

@@ -35,10 +35,13 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if ops.capturing_inputs():  # calibration: record X^T X of this layer's inputs
+        if ops.capturing_inputs():  # calibration: record statistics of this layer's inputs
             xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
             gram = jnp.matmul(xf.T, xf, precision=jax.lax.Precision.HIGHEST)
             self.sow(nnx.Intermediate, "input_gram", gram)
+            self.sow(nnx.Intermediate, "input_absmax", jnp.abs(xf).max(axis=0))
+            if stride := ops.capture_sample_stride():
+                self.sow(nnx.Intermediate, "input_sample", xf[::stride])
         bias = None if self.bias is None else self.bias.get_value()
         return ops.linear(x, self.weight.get_value(), bias)
 
