@@ -19,8 +19,12 @@ quantize_params`` runs it) on the same weight and Hessian, symmetric int4 with g
 qwix is first run on the first ``--qwix-probe-cols`` columns, cold then warm; the whole
 layer is timed when the warm per-column time predicts at most ``--qwix-max-seconds``,
 otherwise its time is extrapolated linearly per column from the warm probe (labelled
-"extrapolated"). SliM-LLM (``jaxquant.algorithms.slim.slim``) is timed like GPTQ when
-that module exists. The per-layer times also give a GPTQ-only projection for 32 blocks.
+"extrapolated"). For reference, the same qwix function under ``jax.jit`` (as qwix's own
+tests run it; its Python loops unroll, so compilation grows faster than linearly with the
+columns) is timed on ``--qwix-jit-cols`` columns, warm, extrapolated per column, its
+compilation reported apart. SliM-LLM (``jaxquant.algorithms.slim.slim``, given a sample
+of ``--sample-tokens`` input rows for its bit-allocation search) is timed like GPTQ when
+that module exists. The per-layer times also give a layer-calls-only 32-block projection.
 
 ``--mode model``: a random-weight model with the Llama-2-7B config (parameters created
 on the device), ``--calib-windows`` random token windows of ``--seq-len`` tokens, and the
@@ -39,8 +43,10 @@ Memory: device ``peak_bytes_in_use`` (GPU) and the host's maximum RSS. Writes
     python benchmarks/quantize_speed.py --mode model --method gptq|slim \\
         [--dtype bfloat16|float32] [--layers 32] [--calib-windows 128] [--seq-len 2048]
 
-CPU smoke runs: ``--mode layer --shapes small --repeats 2`` and ``--mode model --layers 1
---hidden 256 --intermediate 688 --heads 4 --vocab 512 --calib-windows 4 --seq-len 128``.
+CPU smoke runs: ``--mode layer --shapes small --repeats 2 --tokens 4096`` and ``--mode
+model --layers 2 --hidden 256 --intermediate 640 --heads 4 --vocab 512 --calib-windows 4
+--seq-len 128 --batch-size 2``. qwix is imported from the ``qwix`` wheel (pure Python):
+``pip install --no-deps --target /tmp/site qwix-*.whl`` and ``PYTHONPATH=/tmp/site:.``.
 """
 
 from __future__ import annotations
@@ -603,10 +609,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--sample-tokens", type=int, default=4096,
                    help="input rows given to methods that take activations (SliM-LLM)")
     g.add_argument("--no-qwix", action="store_true")
-    g.add_argument("--qwix-probe-cols", type=int, default=256)
+    g.add_argument("--qwix-probe-cols", type=int, default=128)
     g.add_argument("--qwix-max-seconds", type=float, default=60.0,
                    help="time qwix on the whole layer only if predicted below this")
-    g.add_argument("--qwix-jit-cols", type=int, default=0,
+    g.add_argument("--qwix-jit-cols", type=int, default=128,
                    help="also time qwix under jax.jit on this many columns (0: no)")
     g.add_argument("--only", help="only the shapes whose name contains this (e.g. down)")
     g = parser.add_argument_group("model mode")

@@ -68,14 +68,16 @@ class LayerInputs:
     tokens: int  # n, calibration tokens the statistics are over
 
 
-#: ``fn(path, weight, spec, inputs) -> QuantizedWeight``
+#: ``fn(path, weight, spec, inputs) -> QuantizedWeight | (QuantizedWeight, state)``;
+#: a ``state`` is handed to the block step.
 LayerFn = Callable[[str, jax.Array, Any, LayerInputs], Any]
-#: ``fn(config, layer, float_block, quantized_block, inputs, specs) -> (block, info)``:
-#: a block-level step after the block's layers are quantized (``inputs``: the block's
-#: input activations, a list of ``[batch, seq, hidden]`` arrays; ``info``: a JSON-able
-#: dict for the statistics).
-BlockFn = Callable[[ModelConfig, int, Any, Any, list[jax.Array], dict[str, Any]],
-                   tuple[Any, dict[str, Any]]]
+#: ``fn(config, layer, float_block, quantized_block, inputs, specs, states) ->
+#: (block, info)``: a block-level step after the block's layers are quantized
+#: (``inputs``: the block's input activations, a list of ``[batch, seq, hidden]``
+#: arrays; ``states``: what the layer steps returned beside their weights, by path;
+#: ``info``: a JSON-able dict for the statistics).
+BlockFn = Callable[[ModelConfig, int, Any, Any, list[jax.Array], dict[str, Any],
+                    dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 4))
@@ -97,7 +99,12 @@ def _block_stats(block_params: Any, cfg: ModelConfig, layer: int, x: jax.Array,
     return nnx.to_pure_dict(stats)
 
 
-apply_block = jax.jit(transformer.apply_block, static_argnums=(1, 2))
+_apply_block = jax.jit(transformer.apply_block, static_argnums=(1, 2))
+
+
+def apply_block(block_params: Any, cfg: ModelConfig, layer: int, x: jax.Array) -> jax.Array:
+    """Jitted block ``layer`` (compiled once per kind of block)."""
+    return _apply_block(block_params, cfg, transformer.canonical_layer(cfg, layer), x)
 _embed = jax.jit(transformer.embed, static_argnums=1)
 
 
@@ -142,7 +149,9 @@ def collect_inputs(block_params: Any, cfg: ModelConfig, layer: int, xs: list[jax
         stride += stride % 2 == 0 and stride > 1  # odd: do not always hit the same positions
     acc: dict[str, dict[str, Any]] = {}
     for x in xs:
-        for path, st in _layer_stats(_block_stats(block_params, cfg, layer, x, stride)).items():
+        stats = _block_stats(block_params, cfg, transformer.canonical_layer(cfg, layer), x,
+                             stride)
+        for path, st in _layer_stats(stats).items():
             if path not in paths:
                 continue
             a = acc.setdefault(path, {"gram": 0.0, "absmax": 0.0, "sample": []})
@@ -196,6 +205,7 @@ def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: L
         float_block_flat = flatten(float_block)
         qblock = dict(float_block_flat)
         block_inputs: dict[str, LayerInputs] = {}
+        states: dict[str, Any] = {}
         for stage in _stages(sorted(wanted), calibration.true_sequential):
             inputs = collect_inputs(unflatten(qblock), cfg, layer, xs, stage, sample_tokens)
             block_inputs.update(inputs)
@@ -203,6 +213,8 @@ def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: L
                 start = time.perf_counter()
                 w = qblock[path]
                 q = quantize_layer(prefix + path, w, wanted[path], inputs[path])
+                if isinstance(q, tuple):
+                    q, states[path] = q
                 err = float(relative_layer_error(w, q.dequantize(jnp.float32),
                                                  inputs[path].hessian))
                 qblock[path] = q
@@ -213,7 +225,8 @@ def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: L
                                     f"(mean {np.mean(errors):.2e})")
         block_params = unflatten(qblock)
         if block_fn is not None and wanted:
-            block_params, info = block_fn(cfg, layer, float_block, block_params, xs, wanted)
+            block_params, info = block_fn(cfg, layer, float_block, block_params, xs, wanted,
+                                          states)
             blocks[layer] = info
             qblock = dict(flatten(block_params))
             for path in wanted:  # the block step changed the weights: errors after it

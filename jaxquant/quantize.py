@@ -58,17 +58,27 @@ def _slim(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight
                 scale_dtype=jnp.dtype(spec.scale_dtype))
 
 
+def _slim_state(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> Any:
+    q, _, state = slim(w, inputs.hessian, bits=spec.bits, group_size=spec.group_size,
+                       inputs=inputs.sample, salience_weight=spec.salience_weight,
+                       act_order=spec.act_order, damp=spec.damp,
+                       scale_dtype=jnp.dtype(spec.scale_dtype), return_state=True)
+    return q, state
+
+
 def _slim_plus_block(cfg: Any, layer: int, float_block: Any, qblock: Any, xs: Any,
-                     specs: dict[str, QuantSpec]) -> tuple[Any, dict[str, Any]]:
+                     specs: dict[str, QuantSpec], states: dict[str, Any]
+                     ) -> tuple[Any, dict[str, Any]]:
     spec = next(iter(specs.values()))
-    return train_block(cfg, layer, float_block, qblock, xs, epochs=spec.lwc_epochs,
+    return train_block(cfg, layer, float_block, qblock, xs, states, epochs=spec.lwc_epochs,
                        learning_rate=spec.lwc_lr, scale_dtype=jnp.dtype(spec.scale_dtype))
 
 
 #: Calibration input rows SliM-LLM's KL search uses per layer.
 SBA_TOKENS = 4096
 
-_METHODS: dict[str, QuantizeFn] = {"rtn": _rtn, "gptq": _gptq, "slim": _slim, "slim+": _slim}
+_METHODS: dict[str, QuantizeFn] = {"rtn": _rtn, "gptq": _gptq, "slim": _slim,
+                                 "slim+": _slim_state}
 
 
 #: Block-level steps after a block's layers are quantized (SliM-LLM+), per method.

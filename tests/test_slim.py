@@ -18,7 +18,7 @@ from jaxquant.algorithms.slim import (
     kl_scores,
     slim,
 )
-from jaxquant.algorithms.slim_plus import fake_quant, init_gammas, layout_of, to_format
+from jaxquant.algorithms.slim_plus import fake_quant, to_format
 from jaxquant.formats import MixedWeight, UniformWeight
 from tests.test_formats import numpy_group_params
 
@@ -230,17 +230,24 @@ def test_slim_act_order_and_without_inputs():
         slim(jnp.asarray(w), jnp.asarray(h), bits=8, group_size=64)
 
 
-def test_slim_plus_fake_quant_equals_stored_format():
+def test_slim_plus_starts_at_slim_and_stores_what_it_trains():
     w, h, x = structured_layer(9, 16, 160)
-    q = slim(jnp.asarray(w), jnp.asarray(h), bits=2, group_size=32, inputs=jnp.asarray(x))
-    layout = layout_of(q)
-    assert sorted(p.bits for p in layout) == sorted(q.part_bits)
+    q, _, state = slim(jnp.asarray(w), jnp.asarray(h), bits=2, group_size=32,
+                       inputs=jnp.asarray(x), act_order=True, return_state=True)
+    inv = jnp.asarray(np.argsort(state["perm"]))
+    bits = jnp.asarray(state["group_bits"])
+    zero = jnp.zeros((2, *state["scales"].shape))
+    # gamma = 0 reproduces SliM-LLM's weights exactly.
+    fq0 = np.asarray(fake_quant(state["latent"], zero, bits, state["scales"], state["zeros"],
+                                inv, 32))
+    np.testing.assert_allclose(fq0, np.asarray(q.dequantize()), rtol=1e-5, atol=1e-6)
+    # Other ranges: the stored format holds what the training forward computed.
     rng = np.random.default_rng(1)
-    gammas = [g + jnp.asarray(rng.normal(0, 0.5, g.shape), jnp.float32)
-              for g in init_gammas(layout, 16)]
-    fq = np.asarray(fake_quant(jnp.asarray(w), gammas, layout))
-    stored = to_format(jnp.asarray(w), gammas, layout, scale_dtype=jnp.float32)
-    assert np.isfinite(fq).all()
+    gamma = jnp.asarray(rng.normal(0, 0.3, zero.shape), jnp.float32)
+    fq = np.asarray(fake_quant(state["latent"], gamma, bits, state["scales"], state["zeros"],
+                               inv, 32))
+    stored = to_format(state, gamma, scale_dtype=jnp.float32)
+    assert np.isfinite(fq).all() and not np.allclose(fq, fq0)
     np.testing.assert_allclose(np.asarray(stored.dequantize()), fq, rtol=1e-4, atol=1e-5)
     assert stored.column_bits().mean() == 2
 

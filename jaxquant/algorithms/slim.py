@@ -158,14 +158,21 @@ def mixed_from_groups(codes: jax.Array, scales: jax.Array, zeros: jax.Array,
     """Packs per-group-width codes into a :class:`MixedWeight` (one part per width).
 
     Groups of equal width become contiguous; a short last group is placed last in its
-    part, so each part is an ordinary grouped :class:`UniformWeight`.
+    part and that part last, so each part is an ordinary grouped :class:`UniformWeight`
+    and the groups of the stored (permuted) column order are aligned runs of
+    ``group_size``.
     """
     n, k = codes.shape
     g = len(group_bits)
     widths = np.minimum(group_size, k - group_size * np.arange(g))
     base = np.arange(k) if perm is None else np.asarray(perm)
     parts, order = [], []
-    for b in sorted(set(int(x) for x in group_bits)):
+    short = [i for i in range(g) if widths[i] < group_size]
+    widths_order = sorted(set(int(x) for x in group_bits))
+    if short:  # the run holding the short group goes last: all groups stay aligned
+        last = int(group_bits[short[0]])
+        widths_order = [b for b in widths_order if b != last] + [last]
+    for b in widths_order:
         gs = [i for i in range(g) if group_bits[i] == b]
         gs.sort(key=lambda i: (widths[i] < group_size, i))  # the short group goes last
         cols = np.concatenate([np.arange(i * group_size, i * group_size + widths[i])
@@ -187,8 +194,8 @@ def mixed_from_groups(codes: jax.Array, scales: jax.Array, zeros: jax.Array,
 def slim(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: int,
          inputs: jax.Array | None = None, salience_weight: float = 4.0, sqc: bool = True,
          act_order: bool = False, damp: float = 0.01, scale_dtype: Any = jnp.bfloat16,
-         block_size: int | None = None, return_info: bool = False
-         ) -> QuantizedWeight | tuple[QuantizedWeight, dict[str, Any]]:
+         block_size: int | None = None, return_info: bool = False,
+         return_state: bool = False) -> Any:
     """SliM-LLM-quantizes ``w [out, in]`` to an average of ``bits`` per weight.
 
     Args:
@@ -206,10 +213,14 @@ def slim(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: int,
       scale_dtype: Storage dtype of scales and zeros.
       block_size: Lazy-update block (default: the group size).
       return_info: Also return the SBA choice (pairs moved, KL per candidate).
+      return_state: Also return the sweep's state in processing order (``latent``
+        pre-rounding weights, ``perm``, ``group_bits``, ``scales``, ``zeros``), which
+        SliM-LLM+ tunes.
 
     Returns:
       A :class:`MixedWeight` (or :class:`UniformWeight` when SBA keeps every group at
-      ``N`` bits without act-order).
+      ``N`` bits without act-order); with ``return_info`` / ``return_state`` a tuple
+      ``(weight, info[, state])``.
     """
     if not 2 <= bits <= 7:
         raise ValueError(f"SliM-LLM needs an average of 2 to 7 bits, got {bits}")
@@ -229,10 +240,15 @@ def slim(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: int,
                                clip=SQC if sqc else None,
                                salience_weight=float(salience_weight), binary=True)
     empty = jnp.zeros((n, 0), jnp.float32)
-    codes, scales, zeros = sweep(w, u, jnp.asarray(group_bits), empty, empty, group_size=g,
-                                 block_size=block_size or g, quantizer=quantizer,
-                                 static_scales=False)
+    codes, scales, zeros, latent = sweep(
+        w, u, jnp.asarray(group_bits), empty, empty, group_size=g,
+        block_size=block_size or g, quantizer=quantizer, static_scales=False)
     q = mixed_from_groups(codes, scales, zeros, group_bits, perm, group_size=g,
                           symmetric=False, scale_dtype=scale_dtype)
     info["group_bits"] = [int(b) for b in group_bits]
+    if return_state:
+        state = {"latent": latent, "perm": np.arange(k) if perm is None else np.asarray(perm),
+                 "group_bits": group_bits, "scales": scales, "zeros": zeros,
+                 "group_size": g}
+        return q, info, state
     return (q, info) if return_info else q

@@ -239,6 +239,17 @@ def _block_graphdef(cfg: ModelConfig, layer: int) -> nnx.GraphDef:
     return nnx.split(abstract)[0]
 
 
+@functools.lru_cache(maxsize=512)
+def canonical_layer(cfg: ModelConfig, layer: int) -> int:
+    """The first block built like block ``layer`` (same attention window and RoPE).
+
+    Block functions jitted with the layer as a static argument compile once per kind
+    of block when called with this index instead of ``layer``.
+    """
+    key = (cfg.window(layer), cfg.rope_for(layer))
+    return next(i for i in range(cfg.num_layers) if (cfg.window(i), cfg.rope_for(i)) == key)
+
+
 def bind_block(block_params: Params, cfg: ModelConfig, layer: int) -> nnx.Module:
     """The NNX module of decoder block ``layer`` holding ``block_params``."""
     return nnx.merge(_block_graphdef(cfg, layer), block_params)
