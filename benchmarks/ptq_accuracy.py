@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -96,10 +97,14 @@ def run_protocol(args: argparse.Namespace) -> None:
                     kw["lwc_epochs"] = args.lwc_epochs
                 spec = jaxquant.QuantSpec(**kw)
                 t = time.perf_counter()
-                q, stats = jaxquant.quantize(model.params, jaxquant.Recipe.uniform(spec),
-                                             None if name == "rtn" else calibration,
-                                             return_stats=True)
-                q = jax.block_until_ready(q)
+                try:
+                    q, stats = jaxquant.quantize(model.params, jaxquant.Recipe.uniform(spec),
+                                                 None if name == "rtn" else calibration,
+                                                 return_stats=True)
+                    q = jax.block_until_ready(q)
+                except Exception:  # keep going: one failing row must not lose the rest
+                    traceback.print_exc()
+                    continue
                 seconds = time.perf_counter() - t
                 report = jaxquant.quantization_report(model.params, q)
                 errs = [v["relative_error"] for v in stats.get("layers", {}).values()]
