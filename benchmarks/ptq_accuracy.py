@@ -186,6 +186,10 @@ def write_table(args: argparse.Namespace) -> None:
                 md.append(f"| {r['bits']} | {r['salience_weight']:g} | {_fmt(r['ppl'])} | "
                           f"{_fmt(r['calib_ppl'])} | {r['mean_layer_error']:.4g} |")
             md.append("")
+    noted = sorted({r["note"] for r in rows if r.get("note")})
+    md += [f"- Rows marked in the JSON lines: {n}." for n in noted]
+    md += [f"- {n}" for n in args.note or []]
+    md.append("")
     devices = sorted({r["device"] + ", JAX " + r["jax"] for r in rows})
     md += [f"Measured on: {'; '.join(devices)}. Time: quantization including calibration "
            "and compilation.", ""]
@@ -211,6 +215,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--table", action="store_true", help="write the markdown table only")
     parser.add_argument("--reference", help="JSONL of the reference implementations' runs")
+    parser.add_argument("--note", action="append", help="a line for the table's notes")
     args = parser.parse_args()
     if args.table:
         write_table(args)

@@ -235,17 +235,14 @@ def test_slim_plus_starts_at_slim_and_stores_what_it_trains():
     q, _, state = slim(jnp.asarray(w), jnp.asarray(h), bits=2, group_size=32,
                        inputs=jnp.asarray(x), act_order=True, return_state=True)
     inv = jnp.asarray(np.argsort(state["perm"]))
-    bits = jnp.asarray(state["group_bits"])
     zero = jnp.zeros((2, *state["scales"].shape))
     # gamma = 0 reproduces SliM-LLM's weights exactly.
-    fq0 = np.asarray(fake_quant(state["latent"], zero, bits, state["scales"], state["zeros"],
-                                inv, 32))
+    fq0 = np.asarray(fake_quant(state["codes"], zero, state["scales"], state["zeros"], inv, 32))
     np.testing.assert_allclose(fq0, np.asarray(q.dequantize()), rtol=1e-5, atol=1e-6)
     # Other ranges: the stored format holds what the training forward computed.
     rng = np.random.default_rng(1)
-    gamma = jnp.asarray(rng.normal(0, 0.3, zero.shape), jnp.float32)
-    fq = np.asarray(fake_quant(state["latent"], gamma, bits, state["scales"], state["zeros"],
-                               inv, 32))
+    gamma = jnp.asarray(rng.normal(0, 0.1, zero.shape), jnp.float32)
+    fq = np.asarray(fake_quant(state["codes"], gamma, state["scales"], state["zeros"], inv, 32))
     stored = to_format(state, gamma, scale_dtype=jnp.float32)
     assert np.isfinite(fq).all() and not np.allclose(fq, fq0)
     np.testing.assert_allclose(np.asarray(stored.dequantize()), fq, rtol=1e-4, atol=1e-5)

@@ -249,6 +249,6 @@ def slim(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: int,
     if return_state:
         state = {"latent": latent, "perm": np.arange(k) if perm is None else np.asarray(perm),
                  "group_bits": group_bits, "scales": scales, "zeros": zeros,
-                 "group_size": g}
+                 "codes": codes, "group_size": g}
         return q, info, state
     return (q, info) if return_info else q
