@@ -197,6 +197,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibration = None
     if calib_text is not None:
         ids = tokenize(model.tokenizer, calib_text)
+        windows = sample_windows(ids, args.calib_seq_len, args.calib_windows,
+                                 seed=args.calib_seed)  # raises when shorter than one
         asked = args.calib_windows * args.calib_seq_len
         if len(ids) < asked:
             print(f"warning: the calibration text has {len(ids)} tokens, fewer than the "
@@ -205,9 +207,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         calibration = Calibration(
             config=model.config, batch_size=args.calib_batch_size, progress=not args.quiet,
-            true_sequential=args.true_sequential,
-            windows=sample_windows(ids, args.calib_seq_len, args.calib_windows,
-                                   seed=args.calib_seed))
+            true_sequential=args.true_sequential, windows=windows)
     start = time.perf_counter()
     qparams, stats = quantize(model.params, recipe, calibration, return_stats=True)
     qparams = jax.block_until_ready(qparams)
