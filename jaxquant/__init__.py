@@ -11,16 +11,6 @@ The public API::
                              tokenizer=model.tokenizer)
 """
 
-import os as _os
-import sys as _sys
-
-# The host-side linear algebra here (a Cholesky per layer on the CPU backend) is small;
-# OpenBLAS's default of one spinning thread per detected CPU, next to XLA's own thread
-# pool, made it 10-100x slower on 2-core machines. Only when jaxquant is imported
-# before numpy and the user has not chosen a value.
-if "numpy" not in _sys.modules:
-    _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 from jaxquant.checkpoints.jq_checkpoint import load_checkpoint, save_checkpoint
 from jaxquant.checkpoints.load import Model, load_model
 from jaxquant.data import load_text, make_windows, sample_windows, tokenize

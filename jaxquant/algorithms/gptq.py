@@ -264,15 +264,19 @@ def prepare_hessian(w: jax.Array, hessian: jax.Array) -> tuple[jax.Array, jax.Ar
 def _inverse_cholesky_host(h: np.ndarray, damp: float) -> np.ndarray:
     """The same as :func:`_inverse_cholesky` with SciPy's LAPACK (XLA's CPU one is slow)."""
     import scipy.linalg
+    from threadpoolctl import threadpool_limits
 
     k = h.shape[0]
     eye = np.eye(k, dtype=np.float32)
-    try:
-        lower = scipy.linalg.cholesky(h + np.float32(damp) * eye, lower=True)
-        lower_inv = scipy.linalg.solve_triangular(lower, eye, lower=True)
-        return scipy.linalg.cholesky(lower_inv.T @ lower_inv, lower=False)
-    except np.linalg.LinAlgError:
-        return np.full_like(h, np.nan)
+    # One BLAS thread: next to XLA's spinning thread pool, OpenBLAS's own threads made
+    # these small factorizations 10-100x slower on 2-core machines.
+    with threadpool_limits(limits=1, user_api="blas"):
+        try:
+            lower = scipy.linalg.cholesky(h + np.float32(damp) * eye, lower=True)
+            lower_inv = scipy.linalg.solve_triangular(lower, eye, lower=True)
+            return scipy.linalg.cholesky(lower_inv.T @ lower_inv, lower=False)
+        except np.linalg.LinAlgError:
+            return np.full_like(h, np.nan)
 
 
 def inverse_cholesky(h: jax.Array, *, damp: float = 0.01, max_tries: int = 6
