@@ -52,10 +52,7 @@ def _gptq(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight
 
 
 def _slim(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight:
-    return slim(w, inputs.hessian, bits=spec.bits, group_size=spec.group_size,
-                inputs=inputs.sample, salience_weight=spec.salience_weight,
-                act_order=spec.act_order, damp=spec.damp,
-                scale_dtype=jnp.dtype(spec.scale_dtype))
+    return _slim_state(w, spec, inputs)[0]
 
 
 def _slim_state(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> Any:
