@@ -115,6 +115,8 @@ def run_protocol(args: argparse.Namespace) -> None:
                        "salience_weight": spec.salience_weight if name.startswith("slim")
                        else None,
                        "mean_layer_error": sum(errs) / len(errs) if errs else None}
+                if name.startswith("slim+"):
+                    row["lwc_epochs"] = spec.lwc_epochs
                 if "blocks" in stats:
                     row["blocks_kept_lwc"] = sum(b["kept"] == "lwc"
                                                  for b in stats["blocks"].values())
