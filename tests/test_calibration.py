@@ -174,6 +174,26 @@ def test_cli_slim_report_bit_map_and_short_text_warning(tiny_hf_dir, tmp_path, c
     assert code == 2 and "2 to 7" in capsys.readouterr().err
 
 
+def test_cli_warns_when_calibrating_on_the_evaluation_text(tiny_hf_dir, tmp_path, capsys):
+    from jaxquant.cli.main import _same_text
+    from tests.test_cli_errors import _with_word_tokenizer
+
+    assert _same_text("kjv-nt", "kjv-nt") and _same_text("kjv", "kjv-ot")
+    assert not _same_text("kjv-nt", "kjv-ot") and not _same_text("kjv-nt", str(tmp_path))
+    d = _with_word_tokenizer(tiny_hf_dir, tmp_path / "m", 97)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(0, 97, 400)))
+    args = ["quantize", "--model", str(d), "--method", "gptq", "--bits", "4", "--group-size",
+            "16", "--calib", str(text), "--calib-windows", "2", "--calib-seq-len", "64",
+            "--eval", "--seq-len", "64", "--quiet"]
+    assert main([*args, "--data", str(text)]) == 0
+    assert "calibrating on the evaluation text" in capsys.readouterr().err
+    other = tmp_path / "e.txt"
+    other.write_text(text.read_text())
+    assert main([*args, "--data", str(other)]) == 0
+    assert "calibrating on the evaluation text" not in capsys.readouterr().err
+
+
 def jax_tree_copy(params):
     """A shallow-copied nested dict (leaves shared) that can be edited."""
     if isinstance(params, dict):

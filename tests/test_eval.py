@@ -126,6 +126,15 @@ def test_demo_corpus():
     assert "[" not in text and len(text) > 3_000_000
 
 
+def test_demo_corpus_testaments_split_the_bible():
+    whole, ot, nt = (load_text(n) for n in ("kjv", "kjv-ot", "kjv-nt"))
+    assert ot.startswith("In the beginning God created")
+    assert nt.startswith("The book of the generation of Jesus Christ, the son of David")
+    assert whole == ot + "\n" + nt
+    assert "Jesus" not in ot and "Elijah the prophet" in ot.splitlines()[-1]
+    assert len(nt) > 900_000  # ~230k tokens: room for 100 calibration windows of 2048
+
+
 def test_cli_eval_json_report(tiny_hf_dir, tmp_path, capsys):
     import shutil
 

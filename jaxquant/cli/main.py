@@ -126,11 +126,11 @@ class _Text(str):
 
 
 def _eval_text(args: argparse.Namespace) -> _Text:
-    """Reads ``--data`` (default: the demo corpus) before any model is loaded."""
-    from jaxquant.data import DEMO_CORPUS, load_text
+    """Reads ``--data`` (default: the demo corpus's Old Testament) before any model is loaded."""
+    from jaxquant.data import DEMO_CORPORA, load_text
 
-    data = args.data or DEMO_CORPUS
-    fmt = args.data_format or ("plain" if data == DEMO_CORPUS else "wikitext")
+    data = args.data or "kjv-ot"
+    fmt = args.data_format or ("plain" if data in DEMO_CORPORA else "wikitext")
     text = _Text(load_text(data, fmt))
     text.source, text.format = str(data), fmt
     return text
@@ -157,6 +157,19 @@ def _perplexity(params: Any, cfg: Any, windows: Any, args: argparse.Namespace, l
         raise JaxquantError(f"{label}: {e}") from e
 
 
+def _same_text(a: str, b: str) -> bool:
+    """Whether two ``--calib`` / ``--data`` sources overlap (same file or demo part)."""
+    from jaxquant.data import DEMO_CORPORA, DEMO_CORPUS
+
+    if a in DEMO_CORPORA or b in DEMO_CORPORA:
+        return a == b or ({a, b} <= set(DEMO_CORPORA) and DEMO_CORPUS in (a, b))
+    try:
+        pa, pb = Path(a).resolve(), Path(b).resolve()
+    except OSError:
+        return False
+    return pa == pb or pa in pb.parents or pb in pa.parents
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantizes MODEL with a uniform recipe; optionally saves it and compares perplexity."""
     import time
@@ -166,7 +179,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from jaxquant.calibration import Calibration
     from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
     from jaxquant.checkpoints.load import load_model, resolve
-    from jaxquant.data import load_text, sample_windows, tokenize
+    from jaxquant.data import DEMO_CORPORA, load_text, sample_windows, tokenize
     from jaxquant.quantize import quantization_report, quantize
     from jaxquant.recipes import CALIBRATED, MIXED, QuantSpec, Recipe
 
@@ -188,8 +201,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib_text = None
     if args.method in CALIBRATED:
         if not args.calib:
-            raise JaxquantError(f"--method {args.method} needs calibration text: --calib PATH")
-        calib_text = load_text(args.calib, args.calib_format)
+            raise JaxquantError(f"--method {args.method} needs calibration text: --calib PATH "
+                                "(or --calib kjv-nt, the demo corpus's New Testament)")
+        calib_format = args.calib_format or (
+            "plain" if args.calib in DEMO_CORPORA else "wikitext")
+        calib_text = load_text(args.calib, calib_format)
+        if text is not None and _same_text(args.calib, text.source):
+            print(f"warning: calibrating on the evaluation text ({args.calib}): the "
+                  "perplexity will be optimistic (calibrate on kjv-nt and evaluate on "
+                  "kjv-ot, or on disjoint files)", file=sys.stderr)
     model = load_model(args.model, dtype=args.dtype)
     specs, unused = recipe.plan(_paths(model.params))
     if not specs:
@@ -322,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_eval.__doc__)
     _add_model(p)
     p.add_argument("--data", metavar="PATH",
-                   help="text file or folder of .txt files (default: the embedded King James "
-                        "Bible demo corpus, 'kjv')")
+                   help="text file or folder of .txt files, or a part of the embedded King "
+                        "James Bible demo corpus: kjv-ot (default, Old Testament), kjv-nt "
+                        "(New Testament), kjv (both)")
     p.add_argument("--data-format", choices=["wikitext", "plain"],
                    help="wikitext: drop empty lines, join rows with blank lines (default for "
                         "--data); plain: text as is (default for the demo corpus)")
@@ -376,8 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slim/slim+: draw each layer's bit allocation into this PNG")
     p.add_argument("--damp", type=float, default=0.01,
                    help="gptq: relative Hessian damping (0.01), raised on failure")
-    p.add_argument("--calib", metavar="PATH", help="calibration text file or folder of .txt")
-    p.add_argument("--calib-format", default="wikitext", choices=["wikitext", "plain"])
+    p.add_argument("--calib", metavar="PATH",
+                   help="calibration text file or folder of .txt, or kjv-nt (the demo "
+                        "corpus's New Testament, disjoint from the default evaluation text)")
+    p.add_argument("--calib-format", choices=["wikitext", "plain"],
+                   help="as --data-format (default: plain for kjv-nt/kjv-ot/kjv, else "
+                        "wikitext)")
     p.add_argument("--calib-windows", type=_positive, default=128,
                    help="random calibration windows (128)")
     p.add_argument("--calib-seq-len", type=_positive, default=2048,
@@ -394,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing outputs")
     p.add_argument("--eval", action="store_true",
                    help="evaluate float and quantized perplexity and print the table")
-    p.add_argument("--data", metavar="PATH", help="evaluation text for --eval (default: kjv)")
+    p.add_argument("--data", metavar="PATH",
+                   help="evaluation text for --eval (default: kjv-ot, the demo corpus's Old "
+                        "Testament)")
     p.add_argument("--data-format", choices=["wikitext", "plain"])
     p.add_argument("--seq-len", type=_positive, default=2048)
     p.add_argument("--max-windows", type=_positive)

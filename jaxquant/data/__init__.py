@@ -1,6 +1,7 @@
 """Text corpora: reading, the evaluation protocol's text preparation, windows."""
 
 from jaxquant.data.text import (
+    DEMO_CORPORA,
     DEMO_CORPUS,
     demo_corpus_text,
     load_text,
@@ -10,6 +11,7 @@ from jaxquant.data.text import (
 )
 
 __all__ = [
+    "DEMO_CORPORA",
     "DEMO_CORPUS",
     "demo_corpus_text",
     "load_text",

