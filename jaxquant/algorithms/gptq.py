@@ -166,9 +166,7 @@ def sweep(w: jax.Array, u: jax.Array, group_bits: jax.Array, scales0: jax.Array,
       static_scales: Use ``scales0``/``zeros0`` instead of finding them in the sweep.
 
     Returns:
-      ``(codes [out, in] int32, scales, zeros [out, groups], latent [out, in])`` where
-      ``latent`` holds each column's error-compensated values just before rounding (the
-      float weights the codes round; SliM-LLM+ tunes its ranges on them).
+      ``(codes [out, in] int32, scales, zeros [out, groups])``.
     """
     n, k = w.shape
     kp = -(-k // block_size) * block_size
@@ -187,13 +185,13 @@ def sweep(w: jax.Array, u: jax.Array, group_bits: jax.Array, scales0: jax.Array,
     binary_groups = quantizer.binary and not static_scales
 
     def block(b, carry):
-        wp, codes, latent, scales, zeros = carry
+        wp, codes, scales, zeros = carry
         i1 = b * block_size
         w1 = jax.lax.dynamic_slice(wp, (0, i1), (n, block_size))
         u1 = jax.lax.dynamic_slice(up, (i1, i1), (block_size, block_size))
 
         def column(i, inner):
-            w1, codes1, lat1, scales, zeros, err1 = inner
+            w1, codes1, scales, zeros, err1 = inner
             col = i1 + i
             gi = col // g
             bits = gbits[gi]
@@ -216,41 +214,36 @@ def sweep(w: jax.Array, u: jax.Array, group_bits: jax.Array, scales0: jax.Array,
             err = (wcol - dq) / d
             w1 = w1 - err[:, None] * u1[i][None, :]  # U is upper: columns < i are unchanged
             codes1 = jax.lax.dynamic_update_slice(codes1, q.astype(jnp.int32)[:, None], (0, i))
-            lat1 = jax.lax.dynamic_update_slice(lat1, wcol[:, None], (0, i))
             err1 = jax.lax.dynamic_update_slice(err1, err[:, None], (0, i))
-            return w1, codes1, lat1, scales, zeros, err1
+            return w1, codes1, scales, zeros, err1
 
         err1 = jnp.zeros((n, block_size), jnp.float32)
         codes1 = jnp.zeros((n, block_size), jnp.int32)
-        lat1 = jnp.zeros((n, block_size), jnp.float32)
-        w1, codes1, lat1, scales, zeros, err1 = jax.lax.fori_loop(
-            0, block_size, column, (w1, codes1, lat1, scales, zeros, err1))
+        w1, codes1, scales, zeros, err1 = jax.lax.fori_loop(
+            0, block_size, column, (w1, codes1, scales, zeros, err1))
         codes = jax.lax.dynamic_update_slice(codes, codes1, (0, i1))
-        latent = jax.lax.dynamic_update_slice(latent, lat1, (0, i1))
         # Lazy batch update of every later column: W[:, i2:] -= Err1 U[i1:i2, i2:].
         rows = jax.lax.dynamic_slice(up, (i1, 0), (block_size, kp))
         later = (cols >= i1 + block_size)[None, :]
         update = jnp.matmul(err1, jnp.where(later, rows, 0.0), precision=_HI)
         wp = wp.at[:, :kp].add(-update)
         wp = jax.lax.dynamic_update_slice(wp, w1, (0, i1))
-        return wp, codes, latent, scales, zeros
+        return wp, codes, scales, zeros
 
-    latent = jnp.zeros((n, kp), jnp.float32)
-    _, codes, latent, scales, zeros = jax.lax.fori_loop(
-        0, kp // block_size, block, (wp, codes, latent, scales, zeros))
-    return (codes[:, :k], scales[:, :num_groups(k, g)], zeros[:, :num_groups(k, g)],
-            latent[:, :k])
+    _, codes, scales, zeros = jax.lax.fori_loop(0, kp // block_size, block,
+                                                (wp, codes, scales, zeros))
+    return codes[:, :k], scales[:, :num_groups(k, g)], zeros[:, :num_groups(k, g)]
 
 
 def _sweep(w, u, scales0, zeros0, *, bits, group_size, block_size, symmetric, scale_dtype,
            static_scales, clip=None):
-    """Uniform-bit sweep (every group ``bits`` wide): codes, scales, zeros."""
+    """Uniform-bit sweep (every group ``bits`` wide)."""
     groups = num_groups(w.shape[1], group_size)
     return sweep(w, u, jnp.full((groups,), bits, jnp.int32), scales0, zeros0,
                  group_size=group_size, block_size=block_size,
                  quantizer=GroupQuantizer(symmetric=symmetric, scale_dtype=scale_dtype,
                                           clip=clip, binary=False),
-                 static_scales=static_scales)[:3]
+                 static_scales=static_scales)
 
 
 def prepare_hessian(w: jax.Array, hessian: jax.Array) -> tuple[jax.Array, jax.Array]:

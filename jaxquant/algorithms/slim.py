@@ -213,8 +213,8 @@ def slim(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: int,
       scale_dtype: Storage dtype of scales and zeros.
       block_size: Lazy-update block (default: the group size).
       return_info: Also return the SBA choice (pairs moved, KL per candidate).
-      return_state: Also return the sweep's state in processing order (``latent``
-        pre-rounding weights, ``perm``, ``group_bits``, ``scales``, ``zeros``), which
+      return_state: Also return the sweep's state in processing order (``codes``,
+        ``perm``, ``group_bits``, ``scales``, ``zeros``, ``group_size``), whose ranges
         SliM-LLM+ tunes.
 
     Returns:
@@ -240,14 +240,14 @@ def slim(w: jax.Array, hessian: jax.Array, *, bits: int, group_size: int,
                                clip=SQC if sqc else None,
                                salience_weight=float(salience_weight), binary=True)
     empty = jnp.zeros((n, 0), jnp.float32)
-    codes, scales, zeros, latent = sweep(
+    codes, scales, zeros = sweep(
         w, u, jnp.asarray(group_bits), empty, empty, group_size=g,
         block_size=block_size or g, quantizer=quantizer, static_scales=False)
     q = mixed_from_groups(codes, scales, zeros, group_bits, perm, group_size=g,
                           symmetric=False, scale_dtype=scale_dtype)
     info["group_bits"] = [int(b) for b in group_bits]
     if return_state:
-        state = {"latent": latent, "perm": np.arange(k) if perm is None else np.asarray(perm),
+        state = {"perm": np.arange(k) if perm is None else np.asarray(perm),
                  "group_bits": group_bits, "scales": scales, "zeros": zeros,
                  "codes": codes, "group_size": g}
         return q, info, state

@@ -179,7 +179,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from jaxquant.calibration import Calibration
     from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
     from jaxquant.checkpoints.load import load_model, resolve
-    from jaxquant.data import DEMO_CORPORA, load_text, sample_windows, tokenize
+    from jaxquant.data import load_text, sample_windows, tokenize
     from jaxquant.quantize import quantization_report, quantize
     from jaxquant.recipes import CALIBRATED, MIXED, QuantSpec, Recipe
 
@@ -203,9 +203,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not args.calib:
             raise JaxquantError(f"--method {args.method} needs calibration text: --calib PATH "
                                 "(or --calib kjv-nt, the demo corpus's New Testament)")
-        calib_format = args.calib_format or (
-            "plain" if args.calib in DEMO_CORPORA else "wikitext")
-        calib_text = load_text(args.calib, calib_format)
+        calib_text = load_text(args.calib, args.calib_format)
         if text is not None and _same_text(args.calib, text.source):
             print(f"warning: calibrating on the evaluation text ({args.calib}): the "
                   "perplexity will be optimistic (calibrate on kjv-nt and evaluate on "
@@ -400,9 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="PATH",
                    help="calibration text file or folder of .txt, or kjv-nt (the demo "
                         "corpus's New Testament, disjoint from the default evaluation text)")
-    p.add_argument("--calib-format", choices=["wikitext", "plain"],
-                   help="as --data-format (default: plain for kjv-nt/kjv-ot/kjv, else "
-                        "wikitext)")
+    p.add_argument("--calib-format", default="wikitext", choices=["wikitext", "plain"],
+                   help="as --data-format (the demo corpus parts are read as they are)")
     p.add_argument("--calib-windows", type=_positive, default=128,
                    help="random calibration windows (128)")
     p.add_argument("--calib-seq-len", type=_positive, default=2048,
