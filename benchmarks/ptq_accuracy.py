@@ -95,6 +95,8 @@ def run_protocol(args: argparse.Namespace) -> None:
                     kw["salience_weight"] = lam
                 if args.lwc_epochs and name.startswith("slim+"):
                     kw["lwc_epochs"] = args.lwc_epochs
+                if args.lwc_dtype and name.startswith("slim+"):
+                    kw["lwc_dtype"] = args.lwc_dtype
                 spec = jaxquant.QuantSpec(**kw)
                 t = time.perf_counter()
                 try:
@@ -117,6 +119,7 @@ def run_protocol(args: argparse.Namespace) -> None:
                        "mean_layer_error": sum(errs) / len(errs) if errs else None}
                 if name.startswith("slim+"):
                     row["lwc_epochs"] = spec.lwc_epochs
+                    row["lwc_dtype"] = spec.lwc_dtype
                 if "blocks" in stats:
                     row["blocks_kept_lwc"] = sum(b["kept"] == "lwc"
                                                  for b in stats["blocks"].values())
@@ -209,6 +212,8 @@ def main() -> None:
     parser.add_argument("--bits", default="4,3,2")
     parser.add_argument("--salience-weights", help="slim: comma-separated SQC lambdas")
     parser.add_argument("--lwc-epochs", type=int, help="slim+: override the epochs")
+    parser.add_argument("--lwc-dtype", choices=["float32", "bfloat16"],
+                        help="slim+: training compute dtype")
     parser.add_argument("--float", action="store_true", help="also score the float model")
     parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, help="only the first N (smoke runs)")

@@ -68,7 +68,8 @@ def _slim_plus_block(cfg: Any, layer: int, float_block: Any, qblock: Any, xs: An
                      ) -> tuple[Any, dict[str, Any]]:
     spec = next(iter(specs.values()))
     return train_block(cfg, layer, float_block, qblock, xs, states, epochs=spec.lwc_epochs,
-                       learning_rate=spec.lwc_lr, scale_dtype=jnp.dtype(spec.scale_dtype))
+                       learning_rate=spec.lwc_lr, scale_dtype=jnp.dtype(spec.scale_dtype),
+                       compute_dtype=jnp.dtype(spec.lwc_dtype))
 
 
 #: Calibration input rows SliM-LLM's KL search uses per layer.

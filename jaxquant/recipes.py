@@ -52,6 +52,7 @@ class QuantSpec:
     salience_weight: float = 4.0  # SliM-LLM SQC: error weight of salient weights (ref.: 1)
     lwc_epochs: int = 10  # SliM-LLM+: passes over the calibration batches per block
     lwc_lr: float = 5e-3  # SliM-LLM+: AdamW learning rate of the clipping parameters
+    lwc_dtype: str = "float32"  # SliM-LLM+: training compute dtype (bfloat16: faster on GPU)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +69,8 @@ class QuantSpec:
                               "zero point): drop --sym")
         if self.method in MIXED and self.group_size is None:
             raise RecipeError(f"{self.method} allocates bits per group: give a group size")
+        if self.lwc_dtype not in ("float32", "bfloat16"):
+            raise RecipeError(f"lwc dtype must be float32 or bfloat16, got {self.lwc_dtype!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise RecipeError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got "
                               f"{self.scale_dtype!r}")

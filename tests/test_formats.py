@@ -36,6 +36,9 @@ def test_pack_round_trip_and_size(bits, k):
     assert all(p.dtype == jnp.uint32 for p in planes)
     assert [p.shape[1] for p in planes] == [-(-k // (32 // w)) for w in plane_widths(bits)]
     np.testing.assert_array_equal(np.asarray(unpack(planes, bits, k)), codes)
+    # Host (NumPy) and device (jnp) packing agree bit for bit.
+    for a, b in zip(planes, pack(jnp.asarray(codes, jnp.int32), bits), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if k % 32 == 0:  # no padding: exactly `bits` bits per code
         assert sum(p.size for p in planes) * 32 == 5 * k * bits
 

@@ -165,6 +165,10 @@ def mixed_from_groups(codes: jax.Array, scales: jax.Array, zeros: jax.Array,
     n, k = codes.shape
     g = len(group_bits)
     widths = np.minimum(group_size, k - group_size * np.arange(g))
+    # Gathered and packed on the host: part shapes vary with the bit map, and eager jnp
+    # ops would compile anew for each.
+    codes, scales, zeros = np.asarray(codes), np.asarray(scales), np.asarray(zeros)
+    sdt = jnp.dtype(scale_dtype)
     base = np.arange(k) if perm is None else np.asarray(perm)
     parts, order = [], []
     short = [i for i in range(g) if widths[i] < group_size]
@@ -178,11 +182,12 @@ def mixed_from_groups(codes: jax.Array, scales: jax.Array, zeros: jax.Array,
         cols = np.concatenate([np.arange(i * group_size, i * group_size + widths[i])
                                for i in gs])
         keep_zeros = not symmetric or b == 1  # binarized groups have a real-valued zero
-        z = zeros[:, gs].astype(scale_dtype) if keep_zeros else None
+        z = jnp.asarray(zeros[:, gs].astype(sdt)) if keep_zeros else None
         if symmetric and b == 1:
             raise ValueError("1-bit groups need asymmetric storage")
-        parts.append(UniformWeight.from_codes(codes[:, cols], scales[:, gs].astype(scale_dtype),
-                                              z, bits=b, group_size=group_size))
+        s = jnp.asarray(scales[:, gs].astype(sdt))
+        parts.append(UniformWeight.from_codes(codes[:, cols], s, z, bits=b,
+                                              group_size=group_size))
         order.append(base[cols])
     new_perm = np.concatenate(order)
     if len(parts) == 1 and np.array_equal(new_perm, np.arange(k)):

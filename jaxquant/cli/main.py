@@ -189,7 +189,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      symmetric=args.sym, scale_dtype=args.scale_dtype,
                      act_order=args.act_order, static_groups=args.static_groups,
                      damp=args.damp, mse=args.mse, salience_weight=args.salience_weight,
-                     lwc_epochs=args.lwc_epochs, lwc_lr=args.lwc_lr)
+                     lwc_epochs=args.lwc_epochs, lwc_lr=args.lwc_lr,
+                     lwc_dtype=args.lwc_dtype)
     if args.bit_map and spec.method not in MIXED:
         raise JaxquantError("--bit-map draws mixed-precision bit maps: use --method slim "
                             "or slim+")
@@ -388,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slim+: training passes over the calibration batches per block")
     p.add_argument("--lwc-lr", type=float, default=QuantSpec.lwc_lr,
                    help="slim+: AdamW learning rate of the clipping parameters")
+    p.add_argument("--lwc-dtype", choices=("float32", "bfloat16"), default=QuantSpec.lwc_dtype,
+                   help="slim+: compute dtype of the training passes (bfloat16: faster on "
+                        "GPU/TPU; the parameters and the loss stay float32)")
     p.add_argument("--true-sequential", action="store_true",
                    help="collect each layer's inputs after the layers before it in its "
                         "block are quantized (q/k/v, o, gate/up, down)")

@@ -37,18 +37,21 @@ def pack(codes: jax.Array | np.ndarray, bits: int) -> tuple[jax.Array, ...]:
     Returns:
       One ``uint32 [..., packed_words(K, w)]`` array per plane width ``w``.
     """
-    codes = jnp.asarray(codes).astype(jnp.uint32)
+    # Host arrays are packed with NumPy: no per-shape compilation for eager jnp ops
+    # (quantizers that produce many part shapes, such as SliM-LLM's, pack on the host).
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    codes = xp.asarray(codes).astype(xp.uint32)
     k = codes.shape[-1]
     planes, shift = [], 0
     for width in plane_widths(bits):
         per = 32 // width
         words = packed_words(k, width)
-        part = (codes >> shift) & ((1 << width) - 1)
-        part = jnp.pad(part, [(0, 0)] * (part.ndim - 1) + [(0, words * per - k)])
+        part = (codes >> xp.uint32(shift)) & xp.uint32((1 << width) - 1)
+        part = xp.pad(part, [(0, 0)] * (part.ndim - 1) + [(0, words * per - k)])
         part = part.reshape(*part.shape[:-1], words, per)
-        offsets = jnp.arange(per, dtype=jnp.uint32) * width
+        offsets = xp.arange(per, dtype=xp.uint32) * xp.uint32(width)
         # Fields are disjoint, so the sum is an OR.
-        planes.append(jnp.sum(part << offsets, axis=-1, dtype=jnp.uint32))
+        planes.append(jnp.asarray(xp.sum(part << offsets, axis=-1, dtype=xp.uint32)))
         shift += width
     return tuple(planes)
 
