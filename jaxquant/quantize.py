@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxquant.algorithms.claq import ClaqConfig, claq
 from jaxquant.algorithms.gptq import HessianError, gptq
 from jaxquant.algorithms.rtn import rtn
 from jaxquant.algorithms.slim import slim
@@ -51,6 +52,15 @@ def _gptq(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight
                 static_groups=spec.static_groups, mse=spec.mse)
 
 
+def _claq(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight:
+    cfg = ClaqConfig(bits=spec.bits, adaptive=spec.adaptive, outlier_ratio=spec.outlier_ratio,
+                     kmeans=spec.kmeans, act_order=spec.act_order, damp=spec.damp,
+                     block_size=spec.block_size,
+                     codebook_dtype=jnp.dtype("float16" if spec.scale_dtype == "bfloat16"
+                                              else spec.scale_dtype))
+    return claq(w, inputs.hessian, cfg)
+
+
 def _slim(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight:
     return _slim_state(w, spec, inputs)[0]
 
@@ -76,7 +86,7 @@ def _slim_plus_block(cfg: Any, layer: int, float_block: Any, qblock: Any, xs: An
 SBA_TOKENS = 4096
 
 _METHODS: dict[str, QuantizeFn] = {"rtn": _rtn, "gptq": _gptq, "slim": _slim,
-                                 "slim+": _slim_state}
+                                 "slim+": _slim_state, "claq": _claq}
 
 
 #: Block-level steps after a block's layers are quantized (SliM-LLM+), per method.

@@ -23,9 +23,9 @@ from jaxquant.errors import JaxquantError
 #: Every linear layer inside the decoder blocks.
 BLOCK_LINEARS = r"layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.weight"
 #: Methods ``quantize`` knows; later modules add calibration-based ones.
-METHODS = ("rtn", "gptq", "slim", "slim+")
+METHODS = ("rtn", "gptq", "slim", "slim+", "claq")
 #: Methods that need calibration data (layer Hessians).
-CALIBRATED = ("gptq", "slim", "slim+")
+CALIBRATED = ("gptq", "slim", "slim+", "claq")
 #: Mixed-precision methods: ``bits`` is the average over groups of N-1, N and N+1 bits.
 MIXED = ("slim", "slim+")
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
@@ -39,8 +39,8 @@ class RecipeError(JaxquantError):
 class QuantSpec:
     """How to quantize one weight."""
 
-    method: str = "rtn"  # algorithm: rtn, or gptq / slim / slim+ (need calibration data)
-    bits: int = 4  # code width, 2..8; slim/slim+: the exact average, 2..7
+    method: str = "rtn"  # algorithm: rtn, or gptq / slim / slim+ / claq (need calibration)
+    bits: int | float = 4  # code width, 2..8; slim/slim+: exact average, 2..7; claq: 2..8 avg
     group_size: int | None = 128  # input channels per scale; None: per output channel
     symmetric: bool = False  # symmetric range (no zeros stored)
     scale_dtype: str = "bfloat16"  # dtype of scales and zeros
@@ -53,12 +53,28 @@ class QuantSpec:
     lwc_epochs: int = 10  # SliM-LLM+: passes over the calibration batches per block
     lwc_lr: float = 5e-3  # SliM-LLM+: AdamW learning rate of the clipping parameters
     lwc_dtype: str = "float32"  # SliM-LLM+: training compute dtype (bfloat16: faster on GPU)
+    outlier_ratio: float = 0.0  # CLAQ: fraction of weights kept in float (0: no reservation)
+    adaptive: bool = True  # CLAQ: outlier-heavy columns get 4 bits (fractional budgets)
+    kmeans: bool = True  # CLAQ: K-Means codebooks (False: evenly spaced levels, ablation)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise RecipeError(f"unsupported bit width {self.bits!r}: use 2 to 8")
+        integral = isinstance(self.bits, int) and not isinstance(self.bits, bool)
+        if self.method == "claq":
+            if not isinstance(self.bits, (int, float)) or not 2 <= self.bits <= 8:
+                raise RecipeError(f"CLAQ needs an average of 2 to 8 bits, got {self.bits!r}")
+            if self.bits != int(self.bits) and not self.adaptive:
+                raise RecipeError(f"a fractional budget ({self.bits}) needs CLAQ's adaptive "
+                                  "precision: drop --no-adaptive")
+            if self.group_size is not None:
+                raise RecipeError("CLAQ's codebooks are per input channel, without groups: "
+                                  "drop --group-size")
+            if not 0 <= self.outlier_ratio < 0.5:
+                raise RecipeError(f"outlier ratio must be in [0, 0.5), got {self.outlier_ratio}")
+        elif not integral or not 2 <= self.bits <= 8:
+            raise RecipeError(f"unsupported bit width {self.bits!r}: use 2 to 8 (fractional "
+                              "averages: --method claq)")
         if self.group_size is not None and (not isinstance(self.group_size, int)
                                             or self.group_size < 1):
             raise RecipeError(f"group size must be a positive integer, got {self.group_size!r}")
@@ -79,6 +95,11 @@ class QuantSpec:
         """``rtn 4-bit asym g128`` style label."""
         group = "per-channel" if self.group_size is None else f"g{self.group_size}"
         act = " act-order" if self.act_order and self.method in CALIBRATED else ""
+        if self.method == "claq":
+            parts = [p for p, on in (("kmeans", self.kmeans), ("adaptive", self.adaptive),
+                                     (f"outliers {self.outlier_ratio:g}", self.outlier_ratio > 0))
+                     if on]
+            return f"claq {self.bits:g}-bit per-column {'+'.join(parts) or 'uniform'}{act}"
         return f"{self.method} {self.bits}-bit {'sym' if self.symmetric else 'asym'} {group}{act}"
 
 

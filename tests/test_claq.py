@@ -154,3 +154,45 @@ def test_claq_beats_evenly_spaced_levels_and_stores_what_it_reports():
     assert res.bits_per_weight > km.bits_per_weight > 2.2 + 16 * 4 * 0.9 / n
     with pytest.raises(ValueError, match="fractional"):
         ClaqConfig(bits=2.1, adaptive=False)
+
+
+def test_claq_end_to_end_and_cli(tiny_hf_dir, tmp_path, capsys):
+    import json
+
+    from jaxquant.checkpoints.convert import params_from_source
+    from jaxquant.cli.main import main
+    from jaxquant.params import flatten
+    from jaxquant.quantize import quantize
+    from jaxquant.recipes import QuantSpec, Recipe, RecipeError
+    from tests.hf_models import make_model, torch_source
+    from tests.test_calibration import _calib
+    from tests.test_cli_errors import _with_word_tokenizer
+
+    cfg, params = params_from_source(torch_source(make_model("llama", seed=5)))
+    windows = np.random.default_rng(seed_of("claq-e2e")).integers(0, cfg.vocab_size, (8, 48))
+    spec = QuantSpec(method="claq", bits=2.2, group_size=None, outlier_ratio=0.01,
+                     act_order=True)
+    q = quantize(params, Recipe.uniform(spec), _calib(cfg, windows))
+    layers = [v for v in flatten(q).values()
+              if isinstance(v, (OutlierWeight, MixedWeight, CodebookWeight))]
+    assert len(layers) == 7 * cfg.num_layers
+    assert any(isinstance(v, OutlierWeight) for v in layers)  # rows >= 50 keep some
+    assert all(np.isfinite(np.asarray(v.dequantize())).all() for v in layers)
+    with pytest.raises(RecipeError, match="per input channel"):
+        QuantSpec(method="claq", bits=3, group_size=128)
+    with pytest.raises(RecipeError, match="claq"):
+        QuantSpec(method="gptq", bits=2.5)
+    # The command line: fractional bits, the report counts everything stored.
+    d = _with_word_tokenizer(tiny_hf_dir, tmp_path / "m", 97)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 97, 600)))
+    report = tmp_path / "r.json"
+    assert main(["quantize", "--model", str(d), "--method", "claq", "--bits", "2.1",
+                 "--act-order", "--outlier-ratio", "0.01", "--calib", str(calib),
+                 "--calib-format", "plain", "--calib-windows", "4", "--calib-seq-len", "64",
+                 "--json", str(report), "--quiet"]) == 0
+    r = json.loads(report.read_text())
+    assert r["method"] == "claq" and r["bits"] == 2.1 and r["avg_bits"] > 2.1
+    assert main(["quantize", "--model", str(d), "--method", "claq", "--bits", "2.1",
+                 "--no-adaptive", "--calib", str(calib), "--calib-format", "plain"]) == 2
+    assert "adaptive" in capsys.readouterr().err

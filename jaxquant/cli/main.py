@@ -55,6 +55,15 @@ def write_json(path: str | Path, obj: Any, *, force: bool) -> None:
             os.unlink(tmp)
 
 
+def _bits(value: str) -> int | float:
+    """A bit width: an integer, or a fractional average (CLAQ) such as 2.1."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit width, got {value!r}") from None
+    return int(x) if x == int(x) else x
+
+
 def _positive(value: str) -> int:
     try:
         n = int(value)
@@ -184,13 +193,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from jaxquant.recipes import CALIBRATED, MIXED, QuantSpec, Recipe
 
     resolve(args.model)
+    group_size = args.group_size
+    if group_size is None and args.method != "claq":
+        group_size = 128
     spec = QuantSpec(method=args.method, bits=args.bits,
-                     group_size=None if args.per_channel else args.group_size,
+                     group_size=None if args.per_channel else group_size,
                      symmetric=args.sym, scale_dtype=args.scale_dtype,
                      act_order=args.act_order, static_groups=args.static_groups,
                      damp=args.damp, mse=args.mse, salience_weight=args.salience_weight,
                      lwc_epochs=args.lwc_epochs, lwc_lr=args.lwc_lr,
-                     lwc_dtype=args.lwc_dtype)
+                     lwc_dtype=args.lwc_dtype, outlier_ratio=args.outlier_ratio,
+                     adaptive=not args.no_adaptive, kmeans=not args.no_kmeans)
     if args.bit_map and spec.method not in MIXED:
         raise JaxquantError("--bit-map draws mixed-precision bit maps: use --method slim "
                             "or slim+")
@@ -366,12 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model (RTN), save it, compare perplexity",
                        description=cmd_quantize.__doc__)
     _add_model(p)
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "slim", "slim+"],
-                   help="rtn (no data); gptq, slim (SliM-LLM mixed precision) or slim+ "
-                        "(SliM-LLM+ learned clipping) need --calib")
-    p.add_argument("--bits", type=int, default=4, help="code width, 2 to 8 (4)")
-    p.add_argument("--group-size", type=_positive, default=128,
-                   help="input channels per scale and zero (128)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "slim", "slim+", "claq"],
+                   help="rtn (no data); gptq, slim (SliM-LLM mixed precision), slim+ "
+                        "(SliM-LLM+ learned clipping) or claq (CLAQ per-column K-Means "
+                        "codebooks) need --calib")
+    p.add_argument("--bits", type=_bits, default=4,
+                   help="code width, 2 to 8 (4); claq: an average such as 2.1 or 3.12")
+    p.add_argument("--group-size", type=_positive, default=None,
+                   help="input channels per scale and zero (128; claq: none, per column)")
     p.add_argument("--per-channel", action="store_true",
                    help="one scale per output channel instead of groups")
     p.add_argument("--sym", action="store_true", help="symmetric: no zero points stored")
@@ -392,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lwc-dtype", choices=("float32", "bfloat16"), default=QuantSpec.lwc_dtype,
                    help="slim+: compute dtype of the training passes (bfloat16: faster on "
                         "GPU/TPU; the parameters and the loss stay float32)")
+    p.add_argument("--outlier-ratio", type=float, default=QuantSpec.outlier_ratio,
+                   help="claq: fraction of weights kept in float, largest per column "
+                        "(0.005 ~ 0.5%%; 0: off)")
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="claq: every column at the same width (ablation of adaptive precision)")
+    p.add_argument("--no-kmeans", action="store_true",
+                   help="claq: evenly spaced levels instead of K-Means (ablation)")
     p.add_argument("--true-sequential", action="store_true",
                    help="collect each layer's inputs after the layers before it in its "
                         "block are quantized (q/k/v, o, gate/up, down)")
