@@ -45,6 +45,14 @@ METHODS = {
     "slim-act": {"method": "slim", "act_order": True},
     "slim+": {"method": "slim+"},
     "slim+-act": {"method": "slim+", "act_order": True},
+    # CLAQ (per-column codebooks, no groups; act-order as published), and its ablations.
+    "claq": {"method": "claq", "act_order": True, "group_size": None},
+    "claq-or": {"method": "claq", "act_order": True, "group_size": None,
+                "outlier_ratio": 0.005},
+    "claq-noadapt": {"method": "claq", "act_order": True, "group_size": None,
+                     "adaptive": False},
+    "claq-nokmeans": {"method": "claq", "act_order": True, "group_size": None,
+                      "kmeans": False},
 }
 
 
@@ -87,10 +95,12 @@ def run_protocol(args: argparse.Namespace) -> None:
                 "ppl": ppl(model.params, windows), "calib_ppl": ppl(model.params, calib_eval)})
     weights = [float(x) for x in args.salience_weights.split(",")] if args.salience_weights \
         else [None]
-    for bits in [int(b) for b in args.bits.split(",")]:
+    for bits in [float(b) if "." in b else int(b) for b in args.bits.split(",")]:
         for name in args.methods.split(","):
             for lam in weights if name.startswith("slim") else [None]:
-                kw = dict(METHODS[name], bits=bits, group_size=128)
+                kw = {"bits": bits, "group_size": 128, **METHODS[name]}
+                if name.startswith("claq") and args.outlier_ratio is not None:
+                    kw["outlier_ratio"] = args.outlier_ratio
                 if lam is not None:
                     kw["salience_weight"] = lam
                 if args.lwc_epochs and name.startswith("slim+"):
@@ -181,6 +191,17 @@ def write_table(args: argparse.Namespace) -> None:
                     f"{r['seconds'] or 0:.0f} |" if r else
                     f"| {name} | {bits} | – | – | {_fmt(rr['ppl'])} | – | – |")
         md.append("")
+        claq_rows = [r for r in rows if r["protocol"] == proto
+                     and str(r["method"]).startswith("claq")]
+        if claq_rows:
+            md += ["CLAQ (per-column K-Means codebooks, no groups; act-order; bits/weight "
+                   "counts codes, fp16 codebooks, the permutation and float outliers):", "",
+                   "| variant | code bits | bits/weight | PPL | calib-text PPL | time (s) |",
+                   "|---|---|---|---|---|---|"]
+            for r in sorted(claq_rows, key=lambda r: (-r["bits"], r["label"])):
+                md.append(f"| {r['label']} | {r['bits']:g} | {r['avg_bits']:.3f} | "
+                          f"{_fmt(r['ppl'])} | {_fmt(r['calib_ppl'])} | {r['seconds']:.0f} |")
+            md.append("")
         lam_rows = [r for r in rows if r["protocol"] == proto and r["method"] == "slim"
                     and r.get("salience_weight") is not None]
         if len({r["salience_weight"] for r in lam_rows}) > 1:
@@ -212,6 +233,8 @@ def main() -> None:
     parser.add_argument("--bits", default="4,3,2")
     parser.add_argument("--salience-weights", help="slim: comma-separated SQC lambdas")
     parser.add_argument("--lwc-epochs", type=int, help="slim+: override the epochs")
+    parser.add_argument("--outlier-ratio", type=float,
+                        help="claq: override the outlier ratio (claq-or: 0.005)")
     parser.add_argument("--lwc-dtype", choices=["float32", "bfloat16"],
                         help="slim+: training compute dtype")
     parser.add_argument("--float", action="store_true", help="also score the float model")
