@@ -62,16 +62,18 @@ class QuantSpec:
             raise RecipeError(f"unknown method {self.method!r} (known: {', '.join(METHODS)})")
         integral = isinstance(self.bits, int) and not isinstance(self.bits, bool)
         if self.method == "claq":
-            if not isinstance(self.bits, (int, float)) or not 2 <= self.bits <= 8:
+            from jaxquant.algorithms.claq import ClaqConfig  # its rules, not a copy
+
+            if not isinstance(self.bits, (int, float)) or isinstance(self.bits, bool):
                 raise RecipeError(f"CLAQ needs an average of 2 to 8 bits, got {self.bits!r}")
-            if self.bits != int(self.bits) and not self.adaptive:
-                raise RecipeError(f"a fractional budget ({self.bits}) needs CLAQ's adaptive "
-                                  "precision: drop --no-adaptive")
+            try:
+                ClaqConfig(bits=self.bits, adaptive=self.adaptive,
+                           outlier_ratio=self.outlier_ratio)
+            except ValueError as e:
+                raise RecipeError(f"claq: {e}") from e
             if self.group_size is not None:
                 raise RecipeError("CLAQ's codebooks are per input channel, without groups: "
                                   "drop --group-size")
-            if not 0 <= self.outlier_ratio < 0.5:
-                raise RecipeError(f"outlier ratio must be in [0, 0.5), got {self.outlier_ratio}")
         elif not integral or not 2 <= self.bits <= 8:
             raise RecipeError(f"unsupported bit width {self.bits!r}: use 2 to 8 (fractional "
                               "averages: --method claq)")

@@ -81,7 +81,8 @@ class ClaqConfig:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"CLAQ needs 2 to 8 average bits, got {self.bits}")
         if self.bits != int(self.bits) and not self.adaptive:
-            raise ValueError(f"a fractional budget ({self.bits}) needs adaptive precision")
+            raise ValueError(f"a fractional budget ({self.bits}) needs adaptive precision "
+                             "(drop --no-adaptive)")
         if not 0 <= self.outlier_ratio < 0.5:
             raise ValueError(f"outlier ratio must be in [0, 0.5), got {self.outlier_ratio}")
 
@@ -129,9 +130,14 @@ def _evenly_spaced(x: jax.Array, mask: jax.Array, k: int) -> jax.Array:
 
 
 def _keep_mask(w: jax.Array, count: jax.Array) -> jax.Array:
-    """The ``count[j]`` largest-magnitude entries of each column of ``w [n, c]``."""
-    rank = jnp.argsort(jnp.argsort(-jnp.abs(w), axis=0, stable=True), axis=0, stable=True)
-    return rank < count[None, :]
+    """The ``count[j]`` largest-magnitude entries of each column of ``w [n, c]``.
+
+    Ties go to the lower row. One sort: the first ``count`` rows of the magnitude
+    order are scattered back to their places.
+    """
+    order = jnp.argsort(-jnp.abs(w), axis=0, stable=True)
+    first = jnp.arange(w.shape[0])[:, None] < count[None, :]
+    return jnp.put_along_axis(jnp.zeros(w.shape, bool), order, first, axis=0, inplace=False)
 
 
 def _fit(x, mask, k, iters, init, kmeans):
@@ -142,10 +148,11 @@ def _fit(x, mask, k, iters, init, kmeans):
 
 
 @functools.partial(jax.jit, static_argnames=("widths", "block_size", "block_iters",
-                                             "column_iters", "kmeans"))
+                                             "column_iters", "kmeans", "reserving"))
 def sweep(w: jax.Array, u: jax.Array, col_bits: jax.Array, reserve: jax.Array, *,
           widths: tuple[int, ...], block_size: int, block_iters: int, column_iters: int,
-          kmeans: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+          kmeans: bool, reserving: bool = True
+          ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The GPTQ sweep with a per-column codebook quantizer (columns already permuted).
 
     Args:
@@ -158,6 +165,8 @@ def sweep(w: jax.Array, u: jax.Array, col_bits: jax.Array, reserve: jax.Array, *
       block_iters: Lloyd iterations of the block-start fit.
       column_iters: Lloyd iterations refining each column's codebook.
       kmeans: K-Means codebooks; otherwise evenly spaced levels.
+      reserving: Whether any weight is kept in float (``False`` skips the per-column
+        magnitude sort; ``kept`` is then all ``False``).
 
     Returns:
       ``(codes [out, in] int32, codebooks [in, 2**max(widths)] float32 (a column of
@@ -174,6 +183,9 @@ def sweep(w: jax.Array, u: jax.Array, col_bits: jax.Array, reserve: jax.Array, *
     branch = jnp.searchsorted(jnp.asarray(widths, jnp.int32), bits)
     cols = jnp.arange(kp)
 
+    def keep_mask(x: jax.Array, count: jax.Array) -> jax.Array:
+        return _keep_mask(x, count) if reserving else jnp.zeros(x.shape, bool)
+
     def block(b, carry):
         wp, codes, books, kept, vals = carry
         i1 = b * block_size
@@ -181,7 +193,7 @@ def sweep(w: jax.Array, u: jax.Array, col_bits: jax.Array, reserve: jax.Array, *
         u1 = jax.lax.dynamic_slice(up, (i1, i1), (block_size, block_size))
         r1 = jax.lax.dynamic_slice(res, (i1,), (block_size,))
         # Block-start fit of every column at every width (reserved weights excluded).
-        fit_mask = ~_keep_mask(w1, r1)
+        fit_mask = ~keep_mask(w1, r1)
         inits = tuple(_fit(w1, fit_mask, 2 ** wd, block_iters, None, kmeans)[0]
                       for wd in widths)
 
@@ -189,7 +201,7 @@ def sweep(w: jax.Array, u: jax.Array, col_bits: jax.Array, reserve: jax.Array, *
             w1, codes1, books1, kept1, vals1 = inner
             col = i1 + i
             wcol = jax.lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=True)  # [n, 1]
-            keep = _keep_mask(wcol, res[col][None])
+            keep = keep_mask(wcol, res[col][None])
 
             def quantizer(j):
                 def run(_):
@@ -234,12 +246,11 @@ def sweep(w: jax.Array, u: jax.Array, col_bits: jax.Array, reserve: jax.Array, *
     return codes[:, :k], books[:k], kept[:, :k], vals[:, :k]
 
 
-def _pack(codes: np.ndarray, books: np.ndarray, bits: np.ndarray, perm: np.ndarray | None,
-          dtype: Any) -> QuantizedWeight:
+def _pack(codes: np.ndarray, books: np.ndarray, bits: np.ndarray, widths: tuple[int, ...],
+          perm: np.ndarray | None, dtype: Any) -> QuantizedWeight:
     """Codebook parts, one per width, over permuted columns (processing order in)."""
     n, k = codes.shape
     base = np.arange(k) if perm is None else perm
-    widths = sorted(set(int(b) for b in bits))
     if len(widths) == 1 and perm is None:
         b = widths[0]
         return CodebookWeight.from_indices(codes, jnp.asarray(books[:, :2 ** b].astype(dtype)),
@@ -271,10 +282,10 @@ def claq(w: jax.Array, hessian: jax.Array, config: ClaqConfig = ClaqConfig(), *,
     cfg = config
     n, k = w.shape
     w, h = prepare_hessian(w, hessian)
-    wn = np.asarray(w)
-    mean_abs = float(np.mean(np.abs(wn)))
-    outl = np.sum(np.abs(wn) >= cfg.outlier_threshold * mean_abs, axis=0)
-    energy = np.asarray(jnp.diag(h)) * np.sum(wn.astype(np.float64) ** 2, axis=0)
+    # Per-column statistics on device; only [k] vectors come to the host.
+    a = jnp.abs(w)
+    outl = np.asarray(jnp.sum(a >= cfg.outlier_threshold * jnp.mean(a), axis=0))
+    energy = np.asarray(jnp.diag(h) * jnp.sum(jnp.square(w), axis=0), np.float64)
     bits = (column_bits(outl, energy, cfg.bits) if cfg.adaptive
             else np.full(k, int(cfg.bits), np.int32))
     reserve = reserve_counts(outl, n, cfg.outlier_ratio)
@@ -285,14 +296,18 @@ def claq(w: jax.Array, hessian: jax.Array, config: ClaqConfig = ClaqConfig(), *,
         bits, reserve = bits[perm], reserve[perm]
     u, _ = inverse_cholesky(h, damp=cfg.damp)
     widths = tuple(sorted(set(int(b) for b in bits)))
-    codes, books, kept, vals = jax.device_get(sweep(
-        w, u, jnp.asarray(bits), jnp.asarray(reserve), widths=widths,
-        block_size=cfg.block_size, block_iters=cfg.block_iters,
-        column_iters=cfg.column_iters, kmeans=cfg.kmeans))
+    reserving = bool(reserve.any())
+    out = sweep(w, u, jnp.asarray(bits), jnp.asarray(reserve), widths=widths,
+                block_size=cfg.block_size, block_iters=cfg.block_iters,
+                column_iters=cfg.column_iters, kmeans=cfg.kmeans, reserving=reserving)
+    codes, books = jax.device_get(out[:2])
     dtype = jnp.dtype(cfg.codebook_dtype)
-    q = _pack(codes, books, bits, perm, dtype)
-    if kept.any():
+    q = _pack(codes, books, bits, widths, perm, dtype)
+    kept_count = 0
+    if reserving:
+        kept, vals = jax.device_get(out[2:])
         rows, pcols = np.nonzero(kept)
+        kept_count = len(rows)
         ocols = pcols if perm is None else perm[pcols]
         index = rows.astype(np.int64) * k + ocols
         order = np.argsort(index)
@@ -302,6 +317,6 @@ def claq(w: jax.Array, hessian: jax.Array, config: ClaqConfig = ClaqConfig(), *,
     if return_info:
         hist = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True),
                                                strict=True)}
-        return q, {"column_bits": hist, "reserved": int(kept.sum()),
+        return q, {"column_bits": hist, "reserved": kept_count,
                    "code_bits": float(bits.mean())}
     return q
