@@ -49,6 +49,8 @@ METHODS = {
     "claq": {"method": "claq", "act_order": True, "group_size": None},
     "claq-or": {"method": "claq", "act_order": True, "group_size": None,
                 "outlier_ratio": 0.005},
+    "claq-total": {"method": "claq", "act_order": True, "group_size": None,
+                   "total_bits": True},
     "claq-noadapt": {"method": "claq", "act_order": True, "group_size": None,
                      "adaptive": False},
     "claq-nokmeans": {"method": "claq", "act_order": True, "group_size": None,
@@ -195,8 +197,9 @@ def write_table(args: argparse.Namespace) -> None:
                      and str(r["method"]).startswith("claq")]
         if claq_rows:
             md += ["CLAQ (per-column K-Means codebooks, no groups; act-order; bits/weight "
-                   "counts codes, fp16 codebooks, the permutation and float outliers):", "",
-                   "| variant | code bits | bits/weight | PPL | calib-text PPL | time (s) |",
+                   "counts codes, fp16 codebooks, the permutation and float outliers; the "
+                   "budget is the code width, or the whole bits/weight for 'total' rows):", "",
+                   "| variant | budget | bits/weight | PPL | calib-text PPL | time (s) |",
                    "|---|---|---|---|---|---|"]
             for r in sorted(claq_rows, key=lambda r: (-r["bits"], r["label"])):
                 md.append(f"| {r['label']} | {r['bits']:g} | {r['avg_bits']:.3f} | "

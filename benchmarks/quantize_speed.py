@@ -24,7 +24,14 @@ tests run it; its Python loops unroll, so compilation grows faster than linearly
 columns) is timed on ``--qwix-jit-cols`` columns, warm, extrapolated per column, its
 compilation reported apart. SliM-LLM (``jaxquant.algorithms.slim.slim``, given a sample
 of ``--sample-tokens`` input rows for its bit-allocation search) is timed like GPTQ when
-that module exists. The per-layer times also give a layer-calls-only 32-block projection.
+that module exists. CLAQ (``jaxquant.algorithms.claq.claq`` at ``--claq-bits`` average
+code bits, per-column K-Means on device) is timed like GPTQ, and beside it in the same
+run the reference's way of fitting its codebooks: one scikit-learn ``KMeans(n_clusters=
+2**b, random_state=10, n_init="auto")`` per column on the CPU (fayuge/CLAQ ``quant.
+kmclustering``), timed on ``--sklearn-probe-cols`` columns of the same weight and
+extrapolated per column to the layer (the reference's GPTQ updates on top are not
+counted, so this is a lower bound of its layer time). The per-layer times also give a
+layer-calls-only 32-block projection.
 
 ``--mode model``: a random-weight model with the Llama-2-7B config (parameters created
 on the device), ``--calib-windows`` random token windows of ``--seq-len`` tokens, and the
@@ -39,8 +46,8 @@ Memory: device ``peak_bytes_in_use`` (GPU) and the host's maximum RSS. Writes
 ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/quantize_speed_<mode>...``).
 
     python benchmarks/quantize_speed.py --mode layer [--shapes llama2-7b|small] \\
-        [--methods gptq,slim] [--repeats 5] [--out benchmarks/results/gpu/NAME]
-    python benchmarks/quantize_speed.py --mode model --method gptq|slim \\
+        [--methods gptq,slim,claq] [--repeats 5] [--out benchmarks/results/gpu/NAME]
+    python benchmarks/quantize_speed.py --mode model --method gptq|slim|claq \\
         [--dtype bfloat16|float32] [--layers 32] [--calib-windows 128] [--seq-len 2048]
 
 CPU smoke runs: ``--mode layer --shapes small --repeats 2 --tokens 4096`` and ``--mode
@@ -80,6 +87,9 @@ _HI = jax.lax.Precision.HIGHEST
 SHAPES = {
     "llama2-7b": (("q/k/v/o_proj", 4096, 4096, 4), ("gate/up_proj", 11008, 4096, 2),
                   ("down_proj", 4096, 11008, 1)),
+    # SmolLM2-135M (the model of the accuracy tables): GQA k/v have 192 rows.
+    "smollm2": (("q/o_proj", 576, 576, 2), ("k/v_proj", 192, 576, 2),
+                ("gate/up_proj", 1536, 576, 2), ("down_proj", 576, 1536, 1)),
     # About 1/16 of the widths (multiples of 128, as qwix needs), for CPU smoke runs.
     "small": (("q/k/v/o_proj", 256, 256, 4), ("gate/up_proj", 640, 256, 2),
               ("down_proj", 256, 640, 1)),
@@ -324,6 +334,58 @@ def slim_call(slim_fn: Any, w: jax.Array, h: jax.Array, absmax: jax.Array, sampl
     return lambda: slim_fn(*pos, **kw)
 
 
+def sklearn_kmeans_per_column(w: np.ndarray, bits: int, cols: int) -> dict[str, Any]:
+    """The reference CLAQ's codebook fit: one scikit-learn K-Means per column, on the CPU.
+
+    ``KMeans(n_clusters=2**bits, random_state=10, n_init="auto")`` (k-means++ start,
+    Lloyd up to 300 iterations), as fayuge/CLAQ ``quant.kmclustering`` calls it, on the
+    first ``cols`` columns of ``w``; the per-column time is extrapolated to all columns.
+    """
+    from sklearn.cluster import KMeans
+
+    k = w.shape[1]
+    cols = min(cols, k)
+    KMeans(n_clusters=2 ** bits, random_state=10, n_init="auto").fit(w[:, :1])  # warm-up
+    start = time.perf_counter()
+    for j in range(cols):
+        KMeans(n_clusters=2 ** bits, random_state=10, n_init="auto").fit(w[:, j:j + 1])
+    per_col = (time.perf_counter() - start) / cols
+    import sklearn
+
+    return {"probe_cols": cols, "per_column_s": per_col, "extrapolated_layer_s": per_col * k,
+            "sklearn": sklearn.__version__, "bits": bits,
+            "mode": f"extrapolated from {cols} columns (k-means only, CPU)"}
+
+
+def claq_rows(args: argparse.Namespace, w: jax.Array, h: jax.Array) -> dict[str, Any]:
+    """CLAQ on one layer (device, timed like GPTQ) and the per-column sklearn baseline."""
+    from jaxquant.algorithms.claq import ClaqConfig, claq
+
+    out: dict[str, Any] = {}
+    for bits in args.claq_bits:
+        cfg = ClaqConfig(bits=bits)
+        label = f"claq_{bits:g}"
+        out[label] = repeat_timing(lambda cfg=cfg: claq(w, h, cfg), args.repeats)
+        print(f"    jaxquant {label}: first {out[label]['first_call_s']:.3f} s, "
+              f"median {out[label]['median_s']:.4f} s", flush=True)
+    if args.sklearn_probe_cols:
+        try:
+            base = sklearn_kmeans_per_column(np.asarray(w), int(min(args.claq_bits)),
+                                             args.sklearn_probe_cols)
+        except ImportError as e:
+            print(f"    note: sklearn baseline skipped: {e}", flush=True)
+            out["sklearn_kmeans"] = {"skipped": str(e)}
+        else:
+            out["sklearn_kmeans"] = base
+            ours = out[f"claq_{min(args.claq_bits):g}"]["median_s"]
+            out["speedup_claq_vs_sklearn"] = base["extrapolated_layer_s"] / ours
+            print(f"    sklearn per-column k-means ({base['bits']} bits): "
+                  f"{base['per_column_s'] * 1e3:.1f} ms/column -> "
+                  f"{base['extrapolated_layer_s']:.1f} s per layer; CLAQ "
+                  f"{out['speedup_claq_vs_sklearn']:.0f}x faster", flush=True)
+    return out
+
+
 def layer_row(args: argparse.Namespace, key: jax.Array, n: int, k: int,
               slim_fn: Any) -> dict[str, Any]:
     """Times every method on one ``[n, k]`` layer."""
@@ -336,7 +398,7 @@ def layer_row(args: argparse.Namespace, key: jax.Array, n: int, k: int,
         kh, k=k, tokens=tokens, chunk=args.chunk, outliers=args.outliers,
         gain=args.outlier_gain, sample=args.sample_tokens))
     row: dict[str, Any] = {"shape": [n, k], "hessian_tokens": tokens, "hessian_seconds": t_h}
-    for sym in (False, True):
+    for sym in (False, True) if "gptq" in args.methods.split(",") else ():
         label = "gptq_sym" if sym else "gptq_asym"
         row[label] = repeat_timing(lambda sym=sym: gptq(
             w, h, bits=args.bits, group_size=args.group_size, symmetric=sym), args.repeats)
@@ -356,6 +418,10 @@ def layer_row(args: argparse.Namespace, key: jax.Array, n: int, k: int,
             else:
                 print(f"    jaxquant slim: first {row['slim']['first_call_s']:.3f} s, "
                       f"median {row['slim']['median_s']:.4f} s", flush=True)
+    if "claq" in args.methods.split(","):
+        row.update(claq_rows(args, w, h))
+    if "gptq" not in args.methods.split(","):
+        return row
     if not args.no_qwix:
         try:
             row["qwix_gptq"] = time_qwix(w, h, args)
@@ -381,6 +447,7 @@ def run_layers(args: argparse.Namespace) -> None:
     if slim_mod is not None and slim_fn is None:
         print("  note: SliM-LLM skipped: jaxquant.algorithms.slim has no slim()", flush=True)
     rows = []
+    blocks = 30 if args.shapes == "smollm2" else LLAMA2_7B_BLOCKS
     key = jax.random.PRNGKey(args.seed)
     for i, (name, n, k, count) in enumerate(SHAPES[args.shapes]):
         if args.only and args.only not in name:
@@ -393,17 +460,76 @@ def run_layers(args: argparse.Namespace) -> None:
         if len(rows) != len(SHAPES[args.shapes]) or not all(
                 isinstance(r.get(label), dict) and "median_s" in r[label] for r in rows):
             return None
-        return LLAMA2_7B_BLOCKS * sum(r["per_block"] * r[label]["median_s"] for r in rows)
+        return blocks * sum(r["per_block"] * r[label]["median_s"] for r in rows)
 
-    proj = {m: projection(m) for m in ("gptq_asym", "gptq_sym", "slim")}
+    claq_labels = [f"claq_{b:g}" for b in args.claq_bits] if "claq" in methods else []
+    proj = {m: projection(m) for m in ("gptq_asym", "gptq_sym", "slim", *claq_labels)}
+    if claq_labels and len(rows) == len(SHAPES[args.shapes]) and all(
+            "extrapolated_layer_s" in r.get("sklearn_kmeans", {}) for r in rows):
+        proj["sklearn_kmeans"] = blocks * sum(
+            r["per_block"] * r["sklearn_kmeans"]["extrapolated_layer_s"] for r in rows)
     qwix_rows = [r.get("qwix_gptq", {}) for r in rows]
     if len(rows) == len(SHAPES[args.shapes]) and all("seconds" in q for q in qwix_rows):
-        proj["qwix_gptq"] = LLAMA2_7B_BLOCKS * sum(
+        proj["qwix_gptq"] = blocks * sum(
             r["per_block"] * q["seconds"] for r, q in zip(rows, qwix_rows, strict=True))
     report = {"mode": "layer", "settings": vars(args), **environment(), "rows": rows,
-              "projection_32_blocks_s": proj, "device_memory": device_memory(),
+              "model_blocks": blocks, "projection_model_s": proj,
+              "device_memory": device_memory(),
               "host_max_rss_bytes": host_max_rss_bytes()}
 
+    md = layer_gptq_md(args, report, rows) if "gptq" in methods else []
+    if claq_labels:
+        md += layer_claq_md(args, report, rows, claq_labels)
+    model = "SmolLM2-135M" if args.shapes == "smollm2" else "Llama-2-7B"
+    md += ["", f"Sum over one {model} model ({blocks} blocks x 7 linear layers), layer calls "
+           "only (no calibration forward passes):", ""]
+    for m, v in proj.items():
+        if v is not None:
+            md.append(f"- {m}: {v:.1f} s")
+    if all(v is None for v in proj.values()):
+        md.append("- n/a (not every shape was run)")
+    mem = report["device_memory"] or {}
+    md += ["", f"Peak device memory {_gib(mem.get('peak_bytes_in_use'))}, host max RSS "
+           f"{_gib(report['host_max_rss_bytes'])}."]
+    write_results(Path(args.out or ROOT / "benchmarks" / "results"
+                       / f"quantize_speed_layer_{args.shapes}_{jax.default_backend()}"),
+                  report, md)
+
+
+def layer_claq_md(args: argparse.Namespace, report: dict[str, Any], rows: list[dict[str, Any]],
+                  labels: list[str]) -> list[str]:
+    """The CLAQ table of the layer mode: device time per layer against sklearn k-means."""
+    md = [f"# Per-layer CLAQ time, {args.shapes} shapes", "",
+          f"Device: {report['device']}, JAX {report['jax']}, Python {report['python']}, "
+          f"{report['cpu_count']} CPU cores. Weights 0.02 * normal (float32), Hessian of "
+          "synthetic activations as in the GPTQ table. jaxquant CLAQ (act-order, per-column "
+          "K-Means on device: 24 Lloyd iterations per block of 128 columns, 4 per column "
+          f"after compensation): median of {args.repeats} runs after a first (compiling) "
+          "call. Baseline: the reference's codebook fit, one scikit-learn KMeans (k-means++, "
+          "n_init='auto', up to 300 iterations) per column on the CPU, timed on a probe of "
+          "columns and extrapolated; k-means only, without the reference's GPTQ updates "
+          "(plain scikit-learn; the reference patches it with Intel's sklearnex).", "",
+          "| layer | shape [out, in] | " + " | ".join(
+              f"CLAQ {lbl[5:]} bits (s) | first call (s)" for lbl in labels)
+          + " | sklearn per column (ms) | sklearn per layer (s) | speedup |",
+          "|---|---|" + "---|---|" * len(labels) + "---|---|---|"]
+    for r in rows:
+        cells = " | ".join(f"{r[lbl]['median_s']:.3f} | {r[lbl]['first_call_s']:.1f}"
+                           for lbl in labels)
+        sk = r.get("sklearn_kmeans", {})
+        sk_s = (f"{sk['per_column_s'] * 1e3:.1f} | {sk['extrapolated_layer_s']:.1f} (from "
+                f"{sk['probe_cols']} cols, {sk['bits']} bits)" if "per_column_s" in sk
+                else "n/a | n/a")
+        sp = (f"{r['speedup_claq_vs_sklearn']:.0f}x" if "speedup_claq_vs_sklearn" in r
+              else "n/a")
+        md.append(f"| {r['layer']} | {r['shape'][0]} x {r['shape'][1]} | {cells} | {sk_s} | "
+                  f"{sp} |")
+    return md
+
+
+def layer_gptq_md(args: argparse.Namespace, report: dict[str, Any],
+                  rows: list[dict[str, Any]]) -> list[str]:
+    """The GPTQ / SliM-LLM / qwix table of the layer mode."""
     md = [f"# Per-layer quantization time, {args.shapes} shapes ({args.bits}-bit, "
           f"group {args.group_size})", "",
           f"Device: {report['device']}, JAX {report['jax']}, qwix {report['qwix']}, "
@@ -436,19 +562,7 @@ def run_layers(args: argparse.Namespace) -> None:
                   f"{r['gptq_asym']['median_s']:.3f} | {r['gptq_sym']['median_s']:.3f} | "
                   f"{r['gptq_asym']['first_call_s']:.2f} | {slim_s} | {q_s} | {q_mode} | "
                   f"{sp} | {jit_s} | {jsp} |")
-    md += ["", f"Sum over one Llama-2-7B model ({LLAMA2_7B_BLOCKS} blocks x (4 q/k/v/o + 2 "
-           "gate/up + 1 down)), layer calls only (no calibration forward passes):", ""]
-    for m, v in proj.items():
-        if v is not None:
-            md.append(f"- {m}: {v:.1f} s")
-    if all(v is None for v in proj.values()):
-        md.append("- n/a (not every shape was run)")
-    mem = report["device_memory"] or {}
-    md += ["", f"Peak device memory {_gib(mem.get('peak_bytes_in_use'))}, host max RSS "
-           f"{_gib(report['host_max_rss_bytes'])}."]
-    write_results(Path(args.out or ROOT / "benchmarks" / "results"
-                       / f"quantize_speed_layer_{args.shapes}_{jax.default_backend()}"),
-                  report, md)
+    return md
 
 
 # ----------------------------------------------------------------------------------------
@@ -553,7 +667,7 @@ def run_model(args: argparse.Namespace) -> None:
     else:
         steady = None
         extrapolated = total * LLAMA2_7B_BLOCKS / n
-    limit = {"gptq": 300, "slim": 600}.get(args.method)
+    limit = {"gptq": 300, "slim": 600, "claq": 900}.get(args.method)
     report = {"mode": "model", "settings": vars(args), **environment(),
               "config": cfg.to_dict(), "num_params": n_params, "create_params_s": t_load,
               "quantize_s": total, "layer_calls_s": layer_s if calls else None,
@@ -593,13 +707,20 @@ def run_model(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["layer", "model"], default="layer")
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--bits", type=float, default=4,
+                        help="code bits (fractional: claq's average over columns)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="default 128 (claq: per-column codebooks, no groups)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="output path prefix (.json and .md are written)")
     g = parser.add_argument_group("layer mode")
     g.add_argument("--shapes", choices=sorted(SHAPES), default="llama2-7b")
-    g.add_argument("--methods", default="gptq,slim", help="gptq (always) and/or slim")
+    g.add_argument("--methods", default="gptq,slim",
+                   help="any of gptq (with qwix), slim, claq (with sklearn)")
+    g.add_argument("--claq-bits", type=lambda v: [float(b) for b in v.split(",")],
+                   default=[3.0], help="CLAQ average code bits to time, e.g. 3,2.1")
+    g.add_argument("--sklearn-probe-cols", type=int, default=64,
+                   help="columns timed with scikit-learn K-Means (0: no baseline)")
     g.add_argument("--repeats", type=int, default=5)
     g.add_argument("--tokens", type=int, default=16384,
                    help="synthetic activation rows for the Hessian (at least 2 x in)")
@@ -632,6 +753,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--no-breakdown", action="store_true",
                    help="do not wrap the method to time the layer calls")
     args = parser.parse_args(argv)
+    if args.group_size is None and not (args.mode == "model" and args.method == "claq"):
+        args.group_size = 128
+    if args.bits == int(args.bits):
+        args.bits = int(args.bits)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
           f"({jax.default_backend()}), python {sys.version.split()[0]}", flush=True)
     if args.mode == "layer":

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.algorithms.claq import ClaqConfig, claq
+from jaxquant.algorithms.claq import BudgetError, ClaqConfig, claq
 from jaxquant.algorithms.gptq import HessianError, gptq
 from jaxquant.algorithms.rtn import rtn
 from jaxquant.algorithms.slim import slim
@@ -54,7 +54,8 @@ def _gptq(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight
 
 def _claq(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight:
     cfg = ClaqConfig(bits=spec.bits, adaptive=spec.adaptive, outlier_ratio=spec.outlier_ratio,
-                     kmeans=spec.kmeans, act_order=spec.act_order, damp=spec.damp,
+                     kmeans=spec.kmeans, total_bits=spec.total_bits,
+                     act_order=spec.act_order, damp=spec.damp,
                      block_size=spec.block_size,
                      codebook_dtype=jnp.dtype("float16" if spec.scale_dtype == "bfloat16"
                                               else spec.scale_dtype))
@@ -133,7 +134,7 @@ def _calibrated_layer(path: str, w: Any, spec: QuantSpec, inputs: LayerInputs) -
         return _rtn(w, dataclasses.replace(spec, method="rtn", act_order=False), None)
     try:
         return _METHODS[spec.method](w, spec, inputs)
-    except HessianError as e:
+    except (HessianError, BudgetError) as e:
         raise RecipeError(f"{path}: {e}") from e
 
 

@@ -56,6 +56,7 @@ class QuantSpec:
     outlier_ratio: float = 0.0  # CLAQ: fraction of weights kept in float (0: no reservation)
     adaptive: bool = True  # CLAQ: outlier-heavy columns get 4 bits (fractional budgets)
     kmeans: bool = True  # CLAQ: K-Means codebooks (False: evenly spaced levels, ablation)
+    total_bits: bool = False  # CLAQ: bits averages everything stored, not the code width
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,7 +69,7 @@ class QuantSpec:
                 raise RecipeError(f"CLAQ needs an average of 2 to 8 bits, got {self.bits!r}")
             try:
                 ClaqConfig(bits=self.bits, adaptive=self.adaptive,
-                           outlier_ratio=self.outlier_ratio)
+                           outlier_ratio=self.outlier_ratio, total_bits=self.total_bits)
             except ValueError as e:
                 raise RecipeError(f"claq: {e}") from e
             if self.group_size is not None:
@@ -101,7 +102,8 @@ class QuantSpec:
             parts = [p for p, on in (("kmeans", self.kmeans), ("adaptive", self.adaptive),
                                      (f"outliers {self.outlier_ratio:g}", self.outlier_ratio > 0))
                      if on]
-            return f"claq {self.bits:g}-bit per-column {'+'.join(parts) or 'uniform'}{act}"
+            width = f"{self.bits:g}-bit{' total' if self.total_bits else ''}"
+            return f"claq {width} per-column {'+'.join(parts) or 'uniform'}{act}"
         return f"{self.method} {self.bits}-bit {'sym' if self.symmetric else 'asym'} {group}{act}"
 
 

@@ -6,7 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant.algorithms.claq import ClaqConfig, claq, column_bits, reserve_counts, sweep
+from jaxquant.algorithms.claq import (
+    BudgetError,
+    ClaqConfig,
+    claq,
+    column_bits,
+    reserve_counts,
+    sweep,
+    total_column_bits,
+)
 from jaxquant.algorithms.gptq import inverse_cholesky
 from jaxquant.algorithms.kmeans import kmeans_1d
 from jaxquant.formats import CodebookWeight, MixedWeight
@@ -156,6 +164,38 @@ def test_claq_beats_evenly_spaced_levels_and_stores_what_it_reports():
         ClaqConfig(bits=2.1, adaptive=False)
 
 
+def test_total_budget_counts_everything_stored():
+    """With total_bits the stored weight (codes, codebooks, permutation, outliers and
+    their positions) meets the budget, within one column's worth of it."""
+    n, k = 256, 150
+    w, h = _layer(seed_of("total"), n, k)
+    for budget, ratio in ((3.0, 0.0), (2.9, 0.01), (4.3, 0.0)):
+        q = claq(jnp.asarray(w), jnp.asarray(h),
+                 ClaqConfig(bits=budget, total_bits=True, outlier_ratio=ratio))
+        assert isinstance(q, OutlierWeight) == (ratio > 0)
+        # Within a few columns of the budget (codes are packed in 32-bit words per part).
+        assert budget - 0.06 <= q.bits_per_weight <= budget, (budget, q.bits_per_weight)
+    # One width (a budget a uniform width meets exactly): no permutation is stored, and
+    # the act-order sweep's columns are back in their original order.
+    exact = (n * 32 * 15 + k * 16 * 8) / (n * k)  # 3-bit codes: 2 planes of 10 + 5 words
+    q = claq(jnp.asarray(w), jnp.asarray(h), ClaqConfig(bits=exact, total_bits=True))
+    assert isinstance(q, CodebookWeight) and q.bits == 3
+    assert q.bits_per_weight == pytest.approx(exact)
+    plain = claq(jnp.asarray(w), jnp.asarray(h), ClaqConfig(bits=3))
+    assert isinstance(plain, CodebookWeight)
+    np.testing.assert_array_equal(np.asarray(plain.dequantize()), np.asarray(q.dequantize()))
+    # The allocation: more 4-bit columns as the budget grows, most outliers first.
+    outl = np.random.default_rng(seed_of("alloc")).integers(0, 9, k)
+    counts = [int((total_column_bits(outl, np.ones(k), n, b) == 4).sum())
+              for b in (2.5, 3.0, 3.5)]
+    assert counts[0] < counts[1] < counts[2]
+    b = total_column_bits(outl, np.ones(k), n, 3.0)
+    assert outl[b == 4].min() >= outl[b == 2].max()
+    # Too small: 2-bit codes and their fp16 tables on 96 rows take 2.8 bits per weight.
+    with pytest.raises(BudgetError, match="too small"):
+        total_column_bits(outl, np.ones(k), 96, 2.7)
+
+
 def test_claq_end_to_end_and_cli(tiny_hf_dir, tmp_path, capsys):
     import json
 
@@ -196,3 +236,20 @@ def test_claq_end_to_end_and_cli(tiny_hf_dir, tmp_path, capsys):
     assert main(["quantize", "--model", str(d), "--method", "claq", "--bits", "2.1",
                  "--no-adaptive", "--calib", str(calib), "--calib-format", "plain"]) == 2
     assert "adaptive" in capsys.readouterr().err
+
+
+def test_sweep_lowers_for_accelerators():
+    """The accelerator branch (all widths then a select, dense K-Means) lowers for GPU
+    and TPU on this CPU."""
+
+    rng = np.random.default_rng(seed_of("lower"))
+    n, k = 40, 70
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    u = jnp.asarray(np.triu(rng.uniform(0.5, 1.0, (k, k))), jnp.float32)
+    bits = jnp.asarray(rng.choice([2, 4], k), jnp.int32)
+    reserve = jnp.asarray(rng.integers(0, 3, k), jnp.int32)
+    for platform in ("cuda", "tpu"):
+        text = sweep.trace(w, u, bits, reserve, widths=(2, 4), block_size=32, block_iters=3,
+                           column_iters=2, kmeans=True).lower(
+            lowering_platforms=(platform,)).as_text()
+        assert "stablehlo.while" in text and "stablehlo.select" in text

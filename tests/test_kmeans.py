@@ -325,3 +325,38 @@ def test_explicit_init_and_helpers():
     np.testing.assert_array_equal(np.asarray(cb), np.asarray(c32))
     with pytest.raises(ValueError):
         kmeans_1d(jnp.zeros((0, 3)), 4)
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_dense_lloyd_equals_sorted_lloyd(k):
+    """The accelerator form of the iterations (one pass over the samples) and the CPU
+    form (runs of sorted columns) are the same algorithm: same centroids."""
+    from jaxquant.algorithms.kmeans import _fit_weights, _lloyd_dense, _lloyd_sorted, _sorted_sums
+
+    rng = rng_for("dense", k)
+    x = sample(rng)
+    weights = rng.uniform(0.0, 2.0, size=x.shape).astype(np.float32)
+    mask = rng.uniform(size=x.shape) > 0.2
+    x[~mask] = rng.choice([1e6, np.inf, np.nan], size=(~mask).sum())  # excluded: no effect
+    weights[:, 2] = 0.0  # unit weights on the unmasked samples
+    mask[1:, 4] = False  # a single sample
+    x[:, 5] = 0.5  # constant (masked entries stay wild)
+    mask[:, 6] = False  # nothing to fit: the start stays
+    init = np.sort(rng.standard_normal((C, k)).astype(np.float32) * 0.05, axis=1)
+    for w_, m_ in ((None, None), (weights, mask)):
+        xj = jnp.asarray(np.where(mask, x, 0.0) if m_ is None else x)
+        xs, _, count, cum_w, cum_wx = _sorted_sums(xj, w_, m_)
+        sorted_c = _lloyd_sorted(xs, count, cum_w, cum_wx, jnp.asarray(init), 12)
+        dense_c = _lloyd_dense(xj, _fit_weights(xj, w_, m_), jnp.asarray(init), 12)
+        check_sorted_finite(dense_c)
+        np.testing.assert_allclose(np.asarray(dense_c), np.asarray(sorted_c), rtol=1e-4,
+                                   atol=1e-7)  # running-sum differences vs direct sums
+
+
+def test_kmeans_lowers_for_accelerators():
+    """The accelerator branch (dense iterations) lowers for GPU and TPU on this CPU."""
+    x = jnp.asarray(sample(rng_for("lower")))
+    for platform in ("cuda", "tpu"):
+        text = jax.jit(lambda x: kmeans_1d(x, 8, iters=3)).trace(x).lower(
+            lowering_platforms=(platform,)).as_text()
+        assert "sort" in text  # the quantile start sorts; the iterations do not search

@@ -186,21 +186,70 @@ def kmeans_1d(x: jax.Array, num_clusters: int, *, weights: jax.Array | None = No
     if weights is not None and (jnp.ndim(weights) < 2 or jnp.shape(weights)[0] == 1):
         weights = None  # constant along each column: cannot change its clustering
     xf = x.astype(jnp.float32)
-    xs, ws, count = _sort_columns(xf, weights, mask)
-    # Running sums over the first j sorted samples, [c, n + 1]. Cluster sums are their
-    # differences; cumsum's tree scan keeps the error O(log n) ulps of the column sum.
-    zero = jnp.zeros((c, 1), jnp.float32)
-    cum_w = jnp.concatenate([zero, jnp.cumsum(ws, axis=1)], axis=1)
-    cum_wx = jnp.concatenate([zero, jnp.cumsum(jnp.where(ws > 0, ws * xs, 0.0), axis=1)],
-                             axis=1)
-    last = jnp.maximum(count - 1, 0)[:, None]
-
     if init is None:
+        xs, ws, count, cum_w, _ = _sorted_sums(xf, weights, mask)
         centroids = _quantile_init(xs, ws, cum_w, count, num_clusters, density_power)
+        centroids = jnp.where(count[:, None] > 0, centroids, 0.0)
     else:
         centroids = jnp.sort(jnp.broadcast_to(init, (c, num_clusters)).astype(jnp.float32),
                              axis=1)
-    centroids = jnp.where(count[:, None] > 0, centroids, 0.0)
+        centroids = jnp.where(jnp.any(_fit_weights(xf, weights, mask) > 0, axis=0)[:, None],
+                              centroids, 0.0)
+
+    def sorted_lloyd(centroids: jax.Array) -> jax.Array:
+        xs, _, count, cum_w, cum_wx = _sorted_sums(xf, weights, mask)
+        return _lloyd_sorted(xs, count, cum_w, cum_wx, centroids, iters)
+
+    def dense_lloyd(centroids: jax.Array) -> jax.Array:
+        return _lloyd_dense(xf, _fit_weights(xf, weights, mask), centroids, iters)
+
+    # Same iterations, two evaluations: on the CPU the sorted runs' binary searches are
+    # cheapest; on accelerators one fused pass over the samples per iteration is (no
+    # sort, no sequential search loop of small kernels).
+    if iters > 0:
+        centroids = jax.lax.platform_dependent(centroids, cpu=sorted_lloyd,
+                                               default=dense_lloyd)
+    return centroids, nearest_centroid(xf, centroids)
+
+
+def _fit_weights(x: jax.Array, weights: jax.Array | None, mask: jax.Array | None
+                 ) -> jax.Array:
+    """``[n, c]`` weight of every sample in the fit (0: takes no part).
+
+    Masked samples weigh 0; a column whose total weight is zero is fitted with unit
+    weights on its unmasked samples (as :func:`_sort_columns`).
+    """
+    m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
+    if weights is None:
+        return m.astype(jnp.float32)
+    w = jnp.where(m, jnp.broadcast_to(weights, x.shape).astype(jnp.float32), 0.0)
+    return jnp.where(jnp.sum(w, axis=0) > 0, w, m.astype(jnp.float32))
+
+
+def _sorted_sums(x: jax.Array, weights: jax.Array | None, mask: jax.Array | None
+                 ) -> tuple[jax.Array, ...]:
+    """Sorted samples and their running sums: ``(xs, ws, count, cum_w [c, n + 1], cum_wx)``.
+
+    Cluster sums are differences of the running sums; cumsum's tree scan keeps the error
+    ``O(log n)`` ulps of the column sum.
+    """
+    xs, ws, count = _sort_columns(x, weights, mask)
+    zero = jnp.zeros((xs.shape[0], 1), jnp.float32)
+    cum_w = jnp.concatenate([zero, jnp.cumsum(ws, axis=1)], axis=1)
+    cum_wx = jnp.concatenate([zero, jnp.cumsum(jnp.where(ws > 0, ws * xs, 0.0), axis=1)],
+                             axis=1)
+    return xs, ws, count, cum_w, cum_wx
+
+
+def _lloyd_sorted(xs: jax.Array, count: jax.Array, cum_w: jax.Array, cum_wx: jax.Array,
+                  centroids: jax.Array, iters: int) -> jax.Array:
+    """Lloyd on sorted columns: cluster ``k`` is the run between two midpoints.
+
+    Cost per iteration ``O(c K log n)``: a binary search per midpoint, two differences
+    of running sums per cluster.
+    """
+    c = xs.shape[0]
+    last = jnp.maximum(count - 1, 0)[:, None]
     ends = (jnp.zeros((c, 1), jnp.int32), count[:, None].astype(jnp.int32))
 
     def lloyd(_, centroids: jax.Array) -> jax.Array:
@@ -218,8 +267,30 @@ def kmeans_1d(x: jax.Array, num_clusters: int, *, weights: jax.Array | None = No
         run_max = jnp.take_along_axis(xs, jnp.maximum(hi - 1, 0), 1)
         return jnp.where(hi > lo, jnp.clip(mean, run_min, run_max), centroids)
 
-    centroids = jax.lax.fori_loop(0, iters, lloyd, centroids)
-    return centroids, nearest_centroid(xf, centroids)
+    return jax.lax.fori_loop(0, iters, lloyd, centroids)
+
+
+def _lloyd_dense(x: jax.Array, w: jax.Array, centroids: jax.Array, iters: int) -> jax.Array:
+    """The same Lloyd iterations as :func:`_lloyd_sorted`, by one pass over the samples.
+
+    Every sample is assigned by comparing it with the ``K - 1`` midpoints, and each
+    cluster's weighted sum, weight, minimum and maximum are masked reductions over the
+    samples: ``O(n c K)`` work per iteration in one fused pass, no sort.
+    """
+    k = centroids.shape[1]
+    fit = w > 0
+    levels = jnp.arange(k, dtype=jnp.int32)
+
+    def lloyd(_, centroids: jax.Array) -> jax.Array:
+        member = (nearest_centroid(x, centroids)[:, :, None] == levels) & fit[:, :, None]
+        sw = jnp.sum(jnp.where(member, w[:, :, None], 0.0), axis=0)
+        swx = jnp.sum(jnp.where(member, (w * x)[:, :, None], 0.0), axis=0)
+        run_min = jnp.min(jnp.where(member, x[:, :, None], jnp.inf), axis=0)
+        run_max = jnp.max(jnp.where(member, x[:, :, None], -jnp.inf), axis=0)
+        mean = swx / jnp.where(sw > 0, sw, 1.0)
+        return jnp.where(sw > 0, jnp.clip(mean, run_min, run_max), centroids)
+
+    return jax.lax.fori_loop(0, iters, lloyd, centroids, unroll=iters <= 8)
 
 
 def kmeans_objective(x: jax.Array, centroids: jax.Array, assignments: jax.Array,

@@ -203,7 +203,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      damp=args.damp, mse=args.mse, salience_weight=args.salience_weight,
                      lwc_epochs=args.lwc_epochs, lwc_lr=args.lwc_lr,
                      lwc_dtype=args.lwc_dtype, outlier_ratio=args.outlier_ratio,
-                     adaptive=not args.no_adaptive, kmeans=not args.no_kmeans)
+                     adaptive=not args.no_adaptive, kmeans=not args.no_kmeans,
+                     total_bits=args.total_bits)
     if args.bit_map and spec.method not in MIXED:
         raise JaxquantError("--bit-map draws mixed-precision bit maps: use --method slim "
                             "or slim+")
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0.005 ~ 0.5%%; 0: off)")
     p.add_argument("--no-adaptive", action="store_true",
                    help="claq: every column at the same width (ablation of adaptive precision)")
+    p.add_argument("--total-bits", action="store_true",
+                   help="claq: --bits is the average of everything stored per weight (codes, "
+                        "codebooks, permutation, float outliers), not the code width")
     p.add_argument("--no-kmeans", action="store_true",
                    help="claq: evenly spaced levels instead of K-Means (ablation)")
     p.add_argument("--true-sequential", action="store_true",

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.formats import packing
 from jaxquant.formats.base import QuantizedWeight, register_format, static
@@ -57,3 +58,10 @@ class CodebookWeight(QuantizedWeight):
             raise ValueError(f"codebook must be [{k}, {2 ** bits}], got {codebook.shape}")
         return cls(planes=packing.pack(indices, bits), codebook=codebook,
                    shape=(int(n), int(k)), bits=bits)
+
+
+def storage_bits(shape: tuple[int, int], *, bits: int, codebook_dtype: Any) -> int:
+    """Exact bits a :class:`CodebookWeight` of this shape holds (without building it)."""
+    n, k = shape
+    words = sum(packing.packed_words(k, w) for w in packing.plane_widths(bits))
+    return n * 32 * words + k * 2 ** bits * np.dtype(codebook_dtype).itemsize * 8

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.formats.base import QuantizedWeight, register_format, static
 
@@ -45,3 +46,8 @@ class OutlierWeight(QuantizedWeight):
         return (f"{self.base.summary().split(',')[0]} + {self.index.shape[0]} float outliers "
                 f"({100 * frac:.2f}%), {self.shape[0]}x{self.shape[1]}, "
                 f"{self.bits_per_weight:.3f} bits/weight")
+
+
+def storage_bits(count: int, *, value_dtype: Any) -> int:
+    """Bits that ``count`` outliers add to their base format (int32 index + value)."""
+    return count * (32 + np.dtype(value_dtype).itemsize * 8)
