@@ -16,8 +16,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxquant.algorithms.claq import BudgetError, ClaqConfig, claq
+from jaxquant.algorithms.claq import (
+    BudgetError,
+    ClaqConfig,
+    claq,
+    code_bits_for_total,
+    reserve_counts,
+)
 from jaxquant.algorithms.gptq import HessianError, gptq
 from jaxquant.algorithms.rtn import rtn
 from jaxquant.algorithms.slim import slim
@@ -56,10 +63,39 @@ def _claq(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight
     cfg = ClaqConfig(bits=spec.bits, adaptive=spec.adaptive, outlier_ratio=spec.outlier_ratio,
                      kmeans=spec.kmeans, total_bits=spec.total_bits,
                      act_order=spec.act_order, damp=spec.damp,
-                     block_size=spec.block_size,
-                     codebook_dtype=jnp.dtype("float16" if spec.scale_dtype == "bfloat16"
-                                              else spec.scale_dtype))
+                     block_size=spec.block_size, codebook_dtype=_codebook_dtype(spec))
     return claq(w, inputs.hessian, cfg)
+
+
+def _codebook_dtype(spec: QuantSpec) -> Any:
+    """CLAQ's centroid dtype: the spec's scale dtype, float16 for bfloat16 (centroids
+    need its mantissa, not its range)."""
+    return jnp.dtype("float16" if spec.scale_dtype == "bfloat16" else spec.scale_dtype)
+
+
+def _resolve_total_bits(specs: dict[str, QuantSpec], flat: dict[str, Any]
+                        ) -> dict[str, QuantSpec]:
+    """CLAQ specs with ``total_bits``: the one code budget that meets the total over all
+    the weights the spec selects (:func:`~jaxquant.algorithms.claq.code_bits_for_total`),
+    so that a model, not each layer, averages the asked bits per weight."""
+    groups: dict[QuantSpec, list[str]] = {}
+    for path, spec in specs.items():
+        if spec.method == "claq" and spec.total_bits:
+            groups.setdefault(spec, []).append(path)
+    out = dict(specs)
+    for spec, paths in groups.items():
+        layers = []
+        for path in paths:
+            n, k = flat[path].shape
+            reserved = reserve_counts(np.zeros(k, np.int32), n, spec.outlier_ratio)
+            layers.append((int(n), int(k), int(reserved.sum())))
+        try:
+            code = code_bits_for_total(layers, spec.bits, codebook_dtype=_codebook_dtype(spec))
+        except BudgetError as e:
+            raise RecipeError(f"{paths[0]} and {len(paths) - 1} more: {e}") from e
+        resolved = dataclasses.replace(spec, bits=code, total_bits=False)
+        out.update(dict.fromkeys(paths, resolved))
+    return out
 
 
 def _slim(w: jax.Array, spec: QuantSpec, inputs: LayerInputs) -> QuantizedWeight:
@@ -181,6 +217,7 @@ def quantize(params: Params, recipe: Recipe, calibration: Calibration | None = N
         check_weight(path, flat[path], spec)
         if spec.method not in _METHODS:
             raise RecipeError(f"no implementation registered for method {spec.method!r}")
+    specs = _resolve_total_bits(specs, flat)
     needs = sorted({s.method for s in specs.values() if s.method in CALIBRATED})
     if needs and calibration is None:
         raise RecipeError(f"method {needs[0]} needs calibration data (--calib)")

@@ -10,10 +10,11 @@ from jaxquant.algorithms.claq import (
     BudgetError,
     ClaqConfig,
     claq,
+    code_bits_for_total,
     column_bits,
     reserve_counts,
+    stored_bits,
     sweep,
-    total_column_bits,
 )
 from jaxquant.algorithms.gptq import inverse_cholesky
 from jaxquant.algorithms.kmeans import kmeans_1d
@@ -173,8 +174,9 @@ def test_total_budget_counts_everything_stored():
         q = claq(jnp.asarray(w), jnp.asarray(h),
                  ClaqConfig(bits=budget, total_bits=True, outlier_ratio=ratio))
         assert isinstance(q, OutlierWeight) == (ratio > 0)
-        # Within a few columns of the budget (codes are packed in 32-bit words per part).
-        assert budget - 0.06 <= q.bits_per_weight <= budget, (budget, q.bits_per_weight)
+        # At most the budget, and short of it by less than the two parts' next 32-bit
+        # words of packed codes (each 32 / k bits per weight on this narrow layer).
+        assert budget - 2 * 32 / k <= q.bits_per_weight <= budget, (budget, q.bits_per_weight)
     # One width (a budget a uniform width meets exactly): no permutation is stored, and
     # the act-order sweep's columns are back in their original order.
     exact = (n * 32 * 15 + k * 16 * 8) / (n * k)  # 3-bit codes: 2 planes of 10 + 5 words
@@ -184,16 +186,21 @@ def test_total_budget_counts_everything_stored():
     plain = claq(jnp.asarray(w), jnp.asarray(h), ClaqConfig(bits=3))
     assert isinstance(plain, CodebookWeight)
     np.testing.assert_array_equal(np.asarray(plain.dequantize()), np.asarray(q.dequantize()))
-    # The allocation: more 4-bit columns as the budget grows, most outliers first.
-    outl = np.random.default_rng(seed_of("alloc")).integers(0, 9, k)
-    counts = [int((total_column_bits(outl, np.ones(k), n, b) == 4).sum())
-              for b in (2.5, 3.0, 3.5)]
-    assert counts[0] < counts[1] < counts[2]
-    b = total_column_bits(outl, np.ones(k), n, 3.0)
-    assert outl[b == 4].min() >= outl[b == 2].max()
+    # One code budget for several layers meets the total over all of them, and a budget
+    # a hair larger would not: the search is tight.
+    layers = [(576, 576, 0), (192, 576, 0), (1536, 576, 0), (576, 1536, 1000)]
+    weights = sum(n * k for n, k, _ in layers)
+    for total in (2.2, 3.0, 3.12, 4.0):
+        code = code_bits_for_total(layers, total)
+        assert 2 <= code <= total
+
+        def avg(c):
+            return sum(stored_bits(n, k, c, reserved=r) for n, k, r in layers) / weights
+
+        assert avg(code) <= total < avg(code + 2e-3)
     # Too small: 2-bit codes and their fp16 tables on 96 rows take 2.8 bits per weight.
     with pytest.raises(BudgetError, match="too small"):
-        total_column_bits(outl, np.ones(k), 96, 2.7)
+        code_bits_for_total([(96, k, 0)], 2.7)
 
 
 def test_claq_end_to_end_and_cli(tiny_hf_dir, tmp_path, capsys):
@@ -236,6 +243,24 @@ def test_claq_end_to_end_and_cli(tiny_hf_dir, tmp_path, capsys):
     assert main(["quantize", "--model", str(d), "--method", "claq", "--bits", "2.1",
                  "--no-adaptive", "--calib", str(calib), "--calib-format", "plain"]) == 2
     assert "adaptive" in capsys.readouterr().err
+    # A total budget: the whole model's stored bits meet it; one the codebooks of these
+    # tiny layers already exceed is refused before any calibration.
+    from jaxquant.quantize import quantization_report
+
+    total = QuantSpec(method="claq", bits=4.5, group_size=None, total_bits=True,
+                      outlier_ratio=0.01)
+    qt = quantize(params, Recipe.uniform(total), _calib(cfg, windows))
+    avg = quantization_report(params, qt)["avg_bits"]
+    shapes = [flatten(params)[p].shape for p, v in flatten(qt).items()
+              if isinstance(v, (OutlierWeight, MixedWeight, CodebookWeight))]
+    planned = [(n, k, int(reserve_counts(np.zeros(k), n, 0.01).sum())) for n, k in shapes]
+    code = code_bits_for_total(planned, 4.5)
+    expect = sum(stored_bits(n, k, code, reserved=r) for n, k, r in planned)
+    assert avg <= 4.5 and avg == pytest.approx(expect / sum(n * k for n, k in shapes))
+    assert main(["quantize", "--model", str(d), "--method", "claq", "--bits", "2.1",
+                 "--total-bits", "--calib", str(calib), "--calib-format", "plain",
+                 "--calib-seq-len", "64"]) == 2
+    assert "too small" in capsys.readouterr().err
 
 
 def test_sweep_lowers_for_accelerators():

@@ -36,9 +36,9 @@ one scikit-learn K-Means per column on the CPU, ~300 iterations from k-means++.)
 
 The budget is the average code width, as the paper labels it (2.1 bits: 5% of the
 columns at 4 bits), or with ``total_bits`` the average of everything stored, the
-codebooks (``16 * 2**b / out`` bits per weight in float16: 0.11 to 1.3 bits on a
+codebooks (``16 * 2**b / out`` bits per weight in float16: 0.04 to 1.3 bits on a
 135M model's layers, 0.02 to 0.06 on a 7B model's), the permutation and the reserved
-weights included (:func:`total_column_bits`).
+weights included (:func:`code_bits_for_total`).
 
 The result is a :class:`CodebookWeight` (one width, in the original column order), or
 with several widths a :class:`MixedWeight` of codebook parts over permuted columns,
@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -80,8 +81,9 @@ class ClaqConfig:
 
     bits: float = 3.0  # average code width over columns, 2..8 (fractional with adaptive)
     # True: ``bits`` is the average of everything stored per weight (codes, codebooks,
-    # column permutation, reserved weights and their positions), met layer by layer;
-    # False: the average code width, as the paper labels its budgets.
+    # column permutation, reserved weights and their positions; ``quantize`` meets it
+    # over all CLAQ layers of a spec together); False: the average code width, as the
+    # paper labels its budgets.
     total_bits: bool = False
     adaptive: bool = True  # AP: outlier-heavy columns get 4 bits to meet a fractional budget
     outlier_ratio: float = 0.0  # OR: fraction of all weights kept in float (0: off)
@@ -112,70 +114,77 @@ def column_bits(outliers: np.ndarray, energy: np.ndarray, bits: float) -> np.nda
     ``lo = floor(B)`` and ``hi = 4`` below 4 bits, else ``lo + 1``.
     """
     k = len(outliers)
-    lo = math.floor(bits + 1e-9)
-    if bits - lo < 1e-9:
-        return np.full(k, lo, np.int32)
-    hi = _high_width(lo)
-    return _assign(outliers, energy, lo, hi, round(k * (bits - lo) / (hi - lo)))
-
-
-def total_column_bits(outliers: np.ndarray, energy: np.ndarray, rows: int, budget: float, *,
-                      reserved: int = 0, codebook_dtype: Any = jnp.float16) -> np.ndarray:
-    """AP under a budget of *everything stored*: ``budget`` bits per weight on average.
-
-    The codes, the per-column codebooks, the column permutation of a mixed-width
-    layer and the ``reserved`` float weights with their positions together take at
-    most ``budget * rows * k`` bits (exactly as :attr:`QuantizedWeight.bits_per_weight`
-    counts them). ``lo`` is the widest uniform width that fits; the top-ranked
-    columns (as :func:`column_bits`) are raised to ``hi`` while the total still fits.
-
-    Raises:
-      BudgetError: Not even 2-bit codes with their codebooks fit the budget.
-    """
-    k = len(outliers)
-    avail = budget * rows * k - outlier_storage_bits(reserved, value_dtype=codebook_dtype)
-    perm = k * np.dtype(MixedWeight.perm_dtype(k)).itemsize * 8
-
-    def cost(lo: int, hi: int, n_hi: int) -> int:
-        bits = codebook_storage_bits((rows, k - n_hi), bits=lo, codebook_dtype=codebook_dtype)
-        if n_hi:
-            bits += perm + codebook_storage_bits((rows, n_hi), bits=hi,
-                                                 codebook_dtype=codebook_dtype)
-        return bits
-
-    fits = [b for b in range(2, 9) if cost(b, b, 0) <= avail]
-    if not fits:
-        least = (cost(2, 2, 0) + budget * rows * k - avail) / (rows * k)
-        raise BudgetError(
-            f"a CLAQ budget of {budget:g} bits/weight counting everything is too small for "
-            f"a [{rows}, {k}] weight: 2-bit codes with {np.dtype(codebook_dtype).name} "
-            f"codebooks{' and the reserved weights' if reserved else ''} take {least:.3f}")
-    lo = max(fits)
-    if lo == 8:
-        return np.full(k, lo, np.int32)
-    hi = _high_width(lo)
-    top, bottom = 0, k  # the most columns at hi that fit: cost grows with n_hi
-    while top < bottom:
-        mid = (top + bottom + 1) // 2
-        top, bottom = (mid, bottom) if cost(lo, hi, mid) <= avail else (top, mid - 1)
-    return _assign(outliers, energy, lo, hi, top)
-
-
-def _high_width(lo: int) -> int:
-    """The width outlier-heavy columns are raised to: 4 below 4 bits (the paper's 2/4
-    and 3/4 splits), else one more."""
-    return 4 if lo < 4 else lo + 1
-
-
-def _assign(outliers: np.ndarray, energy: np.ndarray, lo: int, hi: int, n_hi: int
-            ) -> np.ndarray:
-    """``hi`` bits for the ``n_hi`` top columns by outlier count, then energy, then index."""
-    k = len(outliers)
+    lo, hi, n_hi = _split(k, bits)
     out = np.full(k, lo, np.int32)
     order = np.lexsort((np.arange(k), -np.asarray(energy, np.float64),
                         -np.asarray(outliers, np.int64)))
     out[order[:n_hi]] = hi
     return out
+
+
+def _split(k: int, bits: float) -> tuple[int, int, int]:
+    """``(lo, hi, n_hi)``: :func:`column_bits`'s widths and its number of ``hi`` columns."""
+    lo = math.floor(bits + 1e-9)
+    if bits - lo < 1e-9:
+        return lo, lo, 0
+    hi = 4 if lo < 4 else lo + 1  # the paper's 2/4 and 3/4 splits below 4 bits
+    return lo, hi, round(k * (bits - lo) / (hi - lo))
+
+
+def stored_bits(rows: int, cols: int, bits: float, *, reserved: int = 0,
+                codebook_dtype: Any = jnp.float16) -> int:
+    """Exact bits :func:`claq` stores for a ``[rows, cols]`` weight at code budget ``bits``.
+
+    Codes and codebooks of each width, the column permutation when there are two
+    widths, and ``reserved`` float weights with their positions, as
+    :attr:`QuantizedWeight.bits_per_weight` counts them.
+    """
+    lo, hi, n_hi = _split(cols, bits)
+    total = codebook_storage_bits((rows, cols - n_hi), bits=lo, codebook_dtype=codebook_dtype)
+    if n_hi:
+        total += codebook_storage_bits((rows, n_hi), bits=hi, codebook_dtype=codebook_dtype)
+        total += cols * np.dtype(MixedWeight.perm_dtype(cols)).itemsize * 8
+    return total + outlier_storage_bits(reserved, value_dtype=codebook_dtype)
+
+
+def code_bits_for_total(layers: Sequence[tuple[int, int, int]], budget: float, *,
+                        codebook_dtype: Any = jnp.float16) -> float:
+    """The code budget at which CLAQ stores at most ``budget`` bits per weight in all.
+
+    Everything stored counts (:func:`stored_bits`): codes, codebooks (``16 * 2**b /
+    rows`` bits per weight in float16: 0.04 to 1.3 on a 135M model's layers), the
+    permutation of mixed-width layers, the reserved weights and their positions. The
+    same code budget applies to every layer, as the paper applies one fraction of
+    4-bit columns to all; the largest that keeps the total within ``budget`` is
+    returned (to ``1e-6``).
+
+    Args:
+      layers: ``(rows, cols, reserved weights)`` of every weight quantized together.
+      budget: Average bits per weight over all of them.
+      codebook_dtype: Storage dtype of centroids and reserved values.
+
+    Raises:
+      BudgetError: Not even 2-bit codes with their codebooks fit the budget.
+    """
+    weights = sum(n * k for n, k, _ in layers)
+
+    def average(bits: float) -> float:
+        return sum(stored_bits(n, k, bits, reserved=r, codebook_dtype=codebook_dtype)
+                   for n, k, r in layers) / weights
+
+    if average(2) > budget:
+        raise BudgetError(
+            f"a CLAQ budget of {budget:g} bits/weight counting everything is too small: 2-bit "
+            f"codes with {np.dtype(codebook_dtype).name} codebooks take {average(2):.3f} here")
+    lo = max(b for b in range(2, 9) if average(b) <= budget)
+    if lo == 8:
+        return 8.0
+    # Between two widths the stored bits grow with the budget: bisect.
+    good, bad = float(lo), float(lo + 1)
+    while bad - good > 1e-6:
+        mid = 0.5 * (good + bad)
+        good, bad = (mid, bad) if average(mid) <= budget else (good, mid)
+    return good
 
 
 def reserve_counts(outliers: np.ndarray, rows: int, ratio: float) -> np.ndarray:
@@ -372,13 +381,12 @@ def claq(w: jax.Array, hessian: jax.Array, config: ClaqConfig = ClaqConfig(), *,
     outl = np.asarray(jnp.sum(a >= cfg.outlier_threshold * jnp.mean(a), axis=0))
     energy = np.asarray(jnp.diag(h) * jnp.sum(jnp.square(w), axis=0), np.float64)
     reserve = reserve_counts(outl, n, cfg.outlier_ratio)
+    code = cfg.bits
     if cfg.total_bits:
-        bits = total_column_bits(outl, energy, n, cfg.bits, reserved=int(reserve.sum()),
-                                 codebook_dtype=cfg.codebook_dtype)
-    elif cfg.adaptive:
-        bits = column_bits(outl, energy, cfg.bits)
-    else:
-        bits = np.full(k, int(cfg.bits), np.int32)
+        code = code_bits_for_total([(n, k, int(reserve.sum()))], cfg.bits,
+                                   codebook_dtype=cfg.codebook_dtype)
+    bits = (column_bits(outl, energy, code) if cfg.adaptive
+            else np.full(k, int(code), np.int32))
     perm = None
     if cfg.act_order:
         perm = np.asarray(jnp.argsort(-jnp.diag(h), stable=True))
