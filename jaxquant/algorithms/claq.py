@@ -175,7 +175,9 @@ def code_bits_for_total(layers: Sequence[tuple[int, int, int]], budget: float, *
     if average(2) > budget:
         raise BudgetError(
             f"a CLAQ budget of {budget:g} bits/weight counting everything is too small: 2-bit "
-            f"codes with {np.dtype(codebook_dtype).name} codebooks take {average(2):.3f} here")
+            f"codes with {np.dtype(codebook_dtype).name} codebooks"
+            f"{' and the reserved weights' if any(r for *_, r in layers) else ''} take "
+            f"{average(2):.3f} here")
     lo = max(b for b in range(2, 9) if average(b) <= budget)
     if lo == 8:
         return 8.0
