@@ -201,7 +201,7 @@ def write_table(args: argparse.Namespace) -> None:
                    "budget is the code width, or the whole bits/weight for 'total' rows):", "",
                    "| variant | budget | bits/weight | PPL | calib-text PPL | time (s) |",
                    "|---|---|---|---|---|---|"]
-            for r in sorted(claq_rows, key=lambda r: (-r["bits"], r["label"])):
+            for r in sorted(claq_rows, key=lambda r: (-r["avg_bits"], r["label"])):
                 md.append(f"| {r['label']} | {r['bits']:g} | {r['avg_bits']:.3f} | "
                           f"{_fmt(r['ppl'])} | {_fmt(r['calib_ppl'])} | {r['seconds']:.0f} |")
             md.append("")
