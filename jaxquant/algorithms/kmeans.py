@@ -186,8 +186,9 @@ def kmeans_1d(x: jax.Array, num_clusters: int, *, weights: jax.Array | None = No
     if weights is not None and (jnp.ndim(weights) < 2 or jnp.shape(weights)[0] == 1):
         weights = None  # constant along each column: cannot change its clustering
     xf = x.astype(jnp.float32)
-    if init is None:
-        xs, ws, count, cum_w, _ = _sorted_sums(xf, weights, mask)
+    sums = _sorted_sums(xf, weights, mask) if init is None else None
+    if sums is not None:
+        xs, ws, count, cum_w, _ = sums
         centroids = _quantile_init(xs, ws, cum_w, count, num_clusters, density_power)
         centroids = jnp.where(count[:, None] > 0, centroids, 0.0)
     else:
@@ -197,7 +198,7 @@ def kmeans_1d(x: jax.Array, num_clusters: int, *, weights: jax.Array | None = No
                               centroids, 0.0)
 
     def sorted_lloyd(centroids: jax.Array) -> jax.Array:
-        xs, _, count, cum_w, cum_wx = _sorted_sums(xf, weights, mask)
+        xs, _, count, cum_w, cum_wx = sums or _sorted_sums(xf, weights, mask)
         return _lloyd_sorted(xs, count, cum_w, cum_wx, centroids, iters)
 
     def dense_lloyd(centroids: jax.Array) -> jax.Array:
