@@ -45,7 +45,7 @@ Params = dict[str, Any]
 _HI = jax.lax.Precision.HIGHEST
 
 #: Linear layers that read the residual stream (after a norm), per norm.
-_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
             "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
 #: Linear layers that write into the residual stream.
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")
@@ -55,7 +55,7 @@ class RotationError(ValueError):
     """The model cannot be rotated (unsupported family, quantized weights)."""
 
 
-def _check(params: Params, cfg: ModelConfig) -> None:
+def check_rotatable(params: Params, cfg: ModelConfig) -> None:
     if cfg.sandwich_norm or cfg.family == "gemma3":
         raise RotationError(f"rotation needs a pre-norm decoder; {cfg.family}'s norms after "
                             "attention and MLP scale the residual writes per channel")
@@ -93,10 +93,10 @@ def fuse_norms(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
 
 def _fuse(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
     """:func:`fuse_norms` on flat paths."""
-    _check(params, cfg)
+    check_rotatable(params, cfg)
     out = dict(params)
     for i in range(cfg.num_layers):
-        for norm, readers in _READERS.items():
+        for norm, readers in READERS.items():
             key = f"layers.{i}.{norm}.weight"
             gamma = params[key]
             for r in readers:
@@ -142,7 +142,7 @@ def rotate_residual(params: Params, cfg: ModelConfig, q: jax.Array
         "embed_tokens.weight"].dtype)
     out["lm_head.weight"] = _mm(out["lm_head.weight"], q, out["lm_head.weight"].dtype)
     for i in range(cfg.num_layers):
-        for readers in _READERS.values():
+        for readers in READERS.values():
             for r in readers:
                 w = f"layers.{i}.{r}.weight"
                 out[w] = _mm(out[w], q, out[w].dtype)
