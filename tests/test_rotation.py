@@ -14,7 +14,7 @@ from jaxquant.models.config import ModelConfig
 from jaxquant.models.transformer import forward, init_params
 from jaxquant.params import flatten, unflatten
 from jaxquant.transforms.rotation import (
-    RotationError,
+    TransformError,
     fuse_norms,
     random_hadamard_rotation,
     rotate_residual,
@@ -73,18 +73,18 @@ def test_rotation_keeps_logits(family, hidden, tie):
 
 def test_rotation_refuses_what_it_cannot_rotate():
     cfg, params = _model("llama", hidden=48, tie=False, seed=3)
-    with pytest.raises(RotationError, match="48, 48"):
+    with pytest.raises(TransformError, match="48, 48"):
         rotate_residual(params, cfg, np.eye(40, dtype=np.float32))
-    with pytest.raises(RotationError, match="pre-norm"):
+    with pytest.raises(TransformError, match="pre-norm"):
         fuse_norms(params, dataclasses.replace(cfg, family="gemma3", sandwich_norm=True))
     flat = flatten(params)
     flat["layers.0.mlp.up_proj.weight"] = jnp.zeros((2, 2), jnp.int8)
-    with pytest.raises(RotationError, match="up_proj"):
+    with pytest.raises(TransformError, match="up_proj"):
         fuse_norms(unflatten(flat), cfg)
     from jaxquant.algorithms.rtn import rtn
 
     flat = flatten(params)
     flat["layers.1.self_attn.q_proj.weight"] = rtn(flat["layers.1.self_attn.q_proj.weight"],
                                                    bits=4, group_size=16)
-    with pytest.raises(RotationError, match="before quantizing"):
+    with pytest.raises(TransformError, match="before quantizing"):
         rotate_residual(unflatten(flat), cfg, np.eye(48, dtype=np.float32))

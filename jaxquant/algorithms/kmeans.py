@@ -72,8 +72,7 @@ def _sort_columns(x: jax.Array, weights: jax.Array | None, mask: jax.Array | Non
         count = jnp.sum(m, axis=0)
         ws = (jnp.arange(n)[None, :] < count[:, None]).astype(jnp.float32)
     else:
-        w = jnp.where(m, jnp.broadcast_to(weights, x.shape).astype(jnp.float32), 0.0)
-        w = jnp.where(jnp.sum(w, axis=0) > 0, w, m.astype(jnp.float32))
+        w = _fit_weights(x, weights, mask)
         fit = w > 0
         count = jnp.sum(fit, axis=0)
         keys, ws = jax.lax.sort((_order_key(jnp.where(fit, x, jnp.inf).T), w.T),
@@ -186,6 +185,7 @@ def kmeans_1d(x: jax.Array, num_clusters: int, *, weights: jax.Array | None = No
     if weights is not None and (jnp.ndim(weights) < 2 or jnp.shape(weights)[0] == 1):
         weights = None  # constant along each column: cannot change its clustering
     xf = x.astype(jnp.float32)
+    fit_w = _fit_weights(xf, weights, mask)  # dead code for XLA on a CPU quantile start
     sums = _sorted_sums(xf, weights, mask) if init is None else None
     if sums is not None:
         xs, ws, count, cum_w, _ = sums
@@ -194,15 +194,14 @@ def kmeans_1d(x: jax.Array, num_clusters: int, *, weights: jax.Array | None = No
     else:
         centroids = jnp.sort(jnp.broadcast_to(init, (c, num_clusters)).astype(jnp.float32),
                              axis=1)
-        centroids = jnp.where(jnp.any(_fit_weights(xf, weights, mask) > 0, axis=0)[:, None],
-                              centroids, 0.0)
+        centroids = jnp.where(jnp.any(fit_w > 0, axis=0)[:, None], centroids, 0.0)
 
     def sorted_lloyd(centroids: jax.Array) -> jax.Array:
         xs, _, count, cum_w, cum_wx = sums or _sorted_sums(xf, weights, mask)
         return _lloyd_sorted(xs, count, cum_w, cum_wx, centroids, iters)
 
     def dense_lloyd(centroids: jax.Array) -> jax.Array:
-        return _lloyd_dense(xf, _fit_weights(xf, weights, mask), centroids, iters)
+        return _lloyd_dense(xf, fit_w, centroids, iters)
 
     # Same iterations, two evaluations: on the CPU the sorted runs' binary searches are
     # cheapest; on accelerators one fused pass over the samples per iteration is (no
@@ -218,7 +217,7 @@ def _fit_weights(x: jax.Array, weights: jax.Array | None, mask: jax.Array | None
     """``[n, c]`` weight of every sample in the fit (0: takes no part).
 
     Masked samples weigh 0; a column whose total weight is zero is fitted with unit
-    weights on its unmasked samples (as :func:`_sort_columns`).
+    weights on its unmasked samples.
     """
     m = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
     if weights is None:

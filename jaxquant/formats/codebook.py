@@ -63,5 +63,5 @@ class CodebookWeight(QuantizedWeight):
 def storage_bits(shape: tuple[int, int], *, bits: int, codebook_dtype: Any) -> int:
     """Exact bits a :class:`CodebookWeight` of this shape holds (without building it)."""
     n, k = shape
-    words = sum(packing.packed_words(k, w) for w in packing.plane_widths(bits))
-    return n * 32 * words + k * 2 ** bits * np.dtype(codebook_dtype).itemsize * 8
+    table = k * 2 ** bits * np.dtype(codebook_dtype).itemsize * 8
+    return n * 32 * packing.row_words(k, bits) + table

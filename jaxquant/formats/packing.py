@@ -31,6 +31,11 @@ def packed_words(k: int, width: int) -> int:
     return -(-k // per)
 
 
+def row_words(k: int, bits: int) -> int:
+    """uint32 words per row for ``k`` codes of ``bits`` bits, over all planes."""
+    return sum(packed_words(k, w) for w in plane_widths(bits))
+
+
 def pack(codes: jax.Array | np.ndarray, bits: int) -> tuple[jax.Array, ...]:
     """Packs integer codes ``[..., K]`` in ``[0, 2**bits)`` into uint32 planes.
 

@@ -92,7 +92,6 @@ def storage_bits(shape: tuple[int, int], *, bits: int, group_size: int, symmetri
                  scale_dtype: Any) -> int:
     """Exact bits a :class:`UniformWeight` of these parameters holds (without building it)."""
     n, k = shape
-    words = sum(packing.packed_words(k, w) for w in packing.plane_widths(bits))
     groups = num_groups(k, min(group_size, k))
     per_group = np.dtype(scale_dtype).itemsize * 8 * (1 if symmetric else 2)
-    return n * (32 * words + groups * per_group)
+    return n * (32 * packing.row_words(k, bits) + groups * per_group)

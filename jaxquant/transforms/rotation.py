@@ -51,23 +51,24 @@ READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_att
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
-class RotationError(ValueError):
-    """The model cannot be rotated (unsupported family, quantized weights)."""
+class TransformError(ValueError):
+    """A transform cannot apply (unsupported family, quantized weights, missing data)."""
 
 
 def check_rotatable(params: Params, cfg: ModelConfig) -> None:
     if cfg.sandwich_norm or cfg.family == "gemma3":
-        raise RotationError(f"rotation needs a pre-norm decoder; {cfg.family}'s norms after "
+        raise TransformError(f"rotation needs a pre-norm decoder; {cfg.family}'s norms after "
                             "attention and MLP scale the residual writes per channel")
     if cfg.norm_offset:
-        raise RotationError("rotation needs RMSNorm scales without an offset")
+        raise TransformError("rotation needs RMSNorm scales without an offset")
     for path, leaf in params.items():
         if is_quantized(leaf) or not isinstance(leaf, jax.Array | np.ndarray) or \
                 not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise RotationError(f"{path} is not a float array: rotate before quantizing")
+            raise TransformError(f"{path} is not a float array: rotate before quantizing")
 
 
-def _scale_columns(w: jax.Array, gamma: jax.Array) -> jax.Array:
+def scale_columns(w: jax.Array, gamma: jax.Array) -> jax.Array:
+    """``W diag(gamma)``, computed in float32, in ``W``'s dtype."""
     return (w.astype(jnp.float32) * gamma.astype(jnp.float32)[None, :]).astype(w.dtype)
 
 
@@ -84,7 +85,7 @@ def fuse_norms(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
       the embeddings are untied.
 
     Raises:
-      RotationError: Unsupported family, or quantized parameters.
+      TransformError: Unsupported family, or quantized parameters.
     """
     flat = flatten(params)
     out, cfg = _fuse(flat, cfg)
@@ -101,10 +102,10 @@ def _fuse(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
             gamma = params[key]
             for r in readers:
                 w = f"layers.{i}.{r}.weight"
-                out[w] = _scale_columns(params[w], gamma)
+                out[w] = scale_columns(params[w], gamma)
             out[key] = jnp.ones_like(gamma)
     head = params["embed_tokens.weight"] if cfg.tie_word_embeddings else params["lm_head.weight"]
-    out["lm_head.weight"] = _scale_columns(head, params["norm.weight"])
+    out["lm_head.weight"] = scale_columns(head, params["norm.weight"])
     out["norm.weight"] = jnp.ones_like(params["norm.weight"])
     return out, dataclasses.replace(cfg, tie_word_embeddings=False)
 
@@ -129,12 +130,12 @@ def rotate_residual(params: Params, cfg: ModelConfig, q: jax.Array
       ``(params, cfg)`` of the rotated model (embeddings untied).
 
     Raises:
-      RotationError: Unsupported family, quantized parameters, or ``q`` not square of
+      TransformError: Unsupported family, quantized parameters, or ``q`` not square of
         the hidden size.
     """
     h = cfg.hidden_size
     if tuple(q.shape) != (h, h):
-        raise RotationError(f"rotation must be [{h}, {h}], got {tuple(q.shape)}")
+        raise TransformError(f"rotation must be [{h}, {h}], got {tuple(q.shape)}")
     params = flatten(params)
     out, cfg = _fuse(params, cfg)
     q = jnp.asarray(q, jnp.float32)

@@ -28,7 +28,12 @@ from jaxquant.calibration import apply_block, collect_inputs
 from jaxquant.models import transformer
 from jaxquant.models.config import ModelConfig
 from jaxquant.params import flatten, unflatten
-from jaxquant.transforms.rotation import READERS, RotationError, check_rotatable
+from jaxquant.transforms.rotation import (
+    READERS,
+    TransformError,
+    check_rotatable,
+    scale_columns,
+)
 
 Params = dict[str, Any]
 #: Smallest scale: channels that never fire are not blown up.
@@ -85,10 +90,6 @@ def activation_absmax(params: Params, cfg: ModelConfig, windows: np.ndarray, *,
     return out
 
 
-def _cols(w: jax.Array, s: jax.Array) -> jax.Array:
-    return (w.astype(jnp.float32) * s[None, :]).astype(w.dtype)
-
-
 def smooth(params: Params, cfg: ModelConfig, absmax: dict[str, jax.Array], *,
            alpha: float = 0.5, norms: bool = True, down_proj: bool = True) -> Params:
     """Folds SmoothQuant scales into the weights (see the module docstring).
@@ -105,7 +106,7 @@ def smooth(params: Params, cfg: ModelConfig, absmax: dict[str, jax.Array], *,
       Parameters computing the same function, with smoothed layer inputs.
 
     Raises:
-      RotationError: Unsupported family or quantized parameters.
+      TransformError: Unsupported family or quantized parameters.
     """
     flat = flatten(params)
     check_rotatable(flat, cfg)
@@ -117,19 +118,19 @@ def smooth(params: Params, cfg: ModelConfig, absmax: dict[str, jax.Array], *,
                 ws = [flat[f"{pre}{r}.weight"] for r in readers]
                 key = f"{pre}{readers[0]}"
                 if key not in absmax:
-                    raise RotationError(f"no activation statistics for {key}")
+                    raise TransformError(f"no activation statistics for {key}")
                 s = smooth_scales(absmax[key], ws, alpha)
                 g = f"{pre}{norm}.weight"
                 out[g] = (flat[g].astype(jnp.float32) / s).astype(flat[g].dtype)
                 for r in readers:
-                    out[f"{pre}{r}.weight"] = _cols(flat[f"{pre}{r}.weight"], s)
+                    out[f"{pre}{r}.weight"] = scale_columns(flat[f"{pre}{r}.weight"], s)
         if down_proj:
             down, up = f"{pre}mlp.down_proj", f"{pre}mlp.up_proj"
             if down not in absmax:
-                raise RotationError(f"no activation statistics for {down}")
+                raise TransformError(f"no activation statistics for {down}")
             # Read from ``out``: up_proj's columns may already be smoothed (its input).
             s = smooth_scales(absmax[down], [out[down + ".weight"]], alpha)
-            out[down + ".weight"] = _cols(out[down + ".weight"], s)
+            out[down + ".weight"] = scale_columns(out[down + ".weight"], s)
             w = out[up + ".weight"]
             out[up + ".weight"] = (w.astype(jnp.float32) / s[:, None]).astype(w.dtype)
             if up + ".bias" in out:
