@@ -72,16 +72,41 @@ def _precision(dtype: Any) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def linear(x: jax.Array, w: Any, bias: jax.Array | None = None) -> jax.Array:
+def _act_quant_linear(x: jax.Array, w: Any, act: Any) -> jax.Array:
+    """``Q(x) @ w.T`` with ``x`` quantized per token (:mod:`jaxquant.algorithms.act_quant`).
+
+    An integer matmul when both sides allow it: symmetric activation codes (int8) times a
+    weight whose ``integer_codes()`` gives symmetric per-output-channel int8 codes (any
+    symmetric per-channel uniform weight of up to 8 bits), accumulated exactly in int32.
+    Otherwise the activations are quantized and dequantized (emulated) and the matmul
+    runs in ``x``'s dtype: every 4-bit (W4A4) product on hardware without an int4 matmul
+    and every grouped or codebook weight takes this path.
+    """
+    from jaxquant.algorithms import act_quant  # pure math; imported lazily (no cycle)
+
+    ints = w.integer_codes() if hasattr(w, "integer_codes") else None
+    if ints is not None and act.symmetric:
+        codes, scale, _ = act_quant.quantize_activations(x, act)
+        y = act_quant.int8_matmul(codes, scale, *ints)
+        return y.astype(x.dtype)
+    return linear(act_quant.fake_quant_activations(x, act), w)
+
+
+def linear(x: jax.Array, w: Any, bias: jax.Array | None = None, *, act: Any = None
+           ) -> jax.Array:
     """``x @ w.T + bias`` for ``w`` of shape ``[out, in]`` (array or quantized format).
 
     Args:
       x: Activations ``[..., in]``; the result has x's dtype.
       w: Weight ``[out, in]``: an array, or a type registered with ``register_linear``.
       bias: Optional ``[out]``.
+      act: Optional :class:`~jaxquant.algorithms.act_quant.ActQuantConfig`: quantize
+        ``x`` per token first (W8A8 / W4A4; see :func:`_act_quant_linear`).
     """
     impl = _LINEAR.get(type(w))
-    if impl is not None:
+    if act is not None:
+        y = _act_quant_linear(x, w, act)
+    elif impl is not None:
         y = impl(x, w)
     else:
         y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=_precision(x.dtype))

@@ -179,24 +179,22 @@ def _same_text(a: str, b: str) -> bool:
     return pa == pb or pa in pb.parents or pb in pa.parents
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    """Quantizes MODEL with a uniform recipe; optionally saves it and compares perplexity."""
-    import time
+def _weight_spec(args: argparse.Namespace) -> Any:
+    """The weight quantization of ``quantize`` (None: ``--method none``, float weights)."""
+    from jaxquant.recipes import QuantSpec
 
-    import jax
-
-    from jaxquant.calibration import Calibration
-    from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
-    from jaxquant.checkpoints.load import load_model, resolve
-    from jaxquant.data import load_text, sample_windows, tokenize
-    from jaxquant.quantize import quantization_report, quantize
-    from jaxquant.recipes import CALIBRATED, MIXED, QuantSpec, Recipe
-
-    resolve(args.model)
+    if args.method == "none":
+        if args.bits not in (None, 16):
+            raise JaxquantError("--method none keeps the weights in float: use --bits 16 "
+                                "(or leave --bits out)")
+        return None
+    if args.bits == 16:
+        raise JaxquantError("--bits 16 keeps float weights: use --method none")
     group_size = args.group_size
     if group_size is None and args.method != "claq":
         group_size = 128
-    spec = QuantSpec(method=args.method, bits=args.bits,
+    return QuantSpec(method="rtn" if args.method == "awq" else args.method,
+                     bits=4 if args.bits is None else args.bits,
                      group_size=None if args.per_channel else group_size,
                      symmetric=args.sym, scale_dtype=args.scale_dtype,
                      act_order=args.act_order, static_groups=args.static_groups,
@@ -205,18 +203,94 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      lwc_dtype=args.lwc_dtype, outlier_ratio=args.outlier_ratio,
                      adaptive=not args.no_adaptive, kmeans=not args.no_kmeans,
                      total_bits=args.total_bits)
-    if args.bit_map and spec.method not in MIXED:
+
+
+def _runtime(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(ActQuantConfig | None, TransformConfig)`` from the activation flags."""
+    from jaxquant.algorithms.act_quant import ActQuantConfig
+    from jaxquant.transforms.pipeline import TransformConfig
+
+    act = None
+    if args.act_bits is not None:
+        clip = args.act_clip if args.act_clip is not None else (0.9 if args.act_bits <= 4
+                                                                 else 1.0)
+        try:
+            act = ActQuantConfig(bits=args.act_bits, symmetric=not args.act_asym,
+                                 clip_ratio=clip)
+        except ValueError as e:
+            raise JaxquantError(f"--act-bits/--act-clip: {e}") from e
+    elif args.act_clip is not None or args.act_asym:
+        raise JaxquantError("--act-clip and --act-asym need --act-bits")
+    if args.alpha is not None and args.alpha_search:
+        raise JaxquantError("give either --alpha or --alpha-search")
+    if (args.alpha is not None or args.alpha_search) and args.transform not in ("smooth",
+                                                                                "smoothrot"):
+        raise JaxquantError("--alpha/--alpha-search set SmoothQuant's strength: use them "
+                            "with --transform smooth or smoothrot")
+    wbits = 16 if args.method == "none" else int(args.bits or 4)
+    tcfg = TransformConfig(kind=args.transform,
+                           alpha=None if args.alpha_search else (
+                               0.5 if args.alpha is None else args.alpha),
+                           seed=args.rotation_seed,
+                           act_bits=args.act_bits or 16, weight_bits=min(wbits, 16))
+    return act, tcfg
+
+
+def _describe(spec: Any, act: Any, kv_bits: int | None, transform: str, awq: bool) -> str:
+    parts = ["float weights" if spec is None else spec.describe().replace(
+        "rtn", "awq+rtn" if awq else "rtn", 1)]
+    if transform != "none":
+        parts.append(transform)
+    if act is not None:
+        parts.append(f"A{act.bits}")
+    if kv_bits:
+        parts.append(f"KV{kv_bits}")
+    return " ".join(parts)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantizes MODEL: weights (RTN, GPTQ, SliM-LLM, CLAQ, AWQ), optionally after a
+    smoothing/rotation transform and with activation and KV-cache quantization; saves it
+    and compares perplexity."""
+    import dataclasses
+    import time
+
+    import jax
+
+    from jaxquant.calibration import Calibration
+    from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
+    from jaxquant.checkpoints.load import load_model, resolve
+    from jaxquant.data import load_text, sample_windows, tokenize
+    from jaxquant.formats.base import tree_nbytes
+    from jaxquant.quantize import quantization_report, quantize
+    from jaxquant.recipes import CALIBRATED, MIXED, Recipe
+    from jaxquant.transforms.pipeline import apply_transform, check_transform
+
+    resolve(args.model)
+    spec = _weight_spec(args)
+    act, tcfg = _runtime(args)
+    if spec is None and args.transform == "none" and act is None and not args.kv_bits:
+        raise JaxquantError("--method none quantizes nothing: add --transform, --act-bits "
+                            "or --kv-bits")
+    if args.bit_map and (spec is None or spec.method not in MIXED):
         raise JaxquantError("--bit-map draws mixed-precision bit maps: use --method slim "
                             "or slim+")
-    recipe = Recipe.uniform(spec, args.pattern) if args.pattern else Recipe.uniform(spec)
+    recipe = None
+    if spec is not None:
+        recipe = Recipe.uniform(spec, args.pattern) if args.pattern else Recipe.uniform(spec)
+    elif args.pattern:
+        raise JaxquantError("--pattern selects weights to quantize: not with --method none")
     for out in (args.out, args.json, args.bit_map):
         if out:
             check_output(out, force=args.force)
     text = _eval_text(args) if args.eval else None
     calib_text = None
-    if args.method in CALIBRATED:
+    needs_calib = [why for why, on in (
+        (f"--method {args.method}", args.method in (*CALIBRATED, "awq")),
+        (f"--transform {args.transform}", tcfg.smooths)) if on]
+    if needs_calib:
         if not args.calib:
-            raise JaxquantError(f"--method {args.method} needs calibration text: --calib PATH "
+            raise JaxquantError(f"{needs_calib[0]} needs calibration text: --calib PATH "
                                 "(or --calib kjv-nt, the demo corpus's New Testament)")
         calib_text = load_text(args.calib, args.calib_format)
         if text is not None and _same_text(args.calib, text.source):
@@ -224,10 +298,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                   "perplexity will be optimistic (calibrate on kjv-nt and evaluate on "
                   "kjv-ot, or on disjoint files)", file=sys.stderr)
     model = load_model(args.model, dtype=args.dtype)
-    specs, unused = recipe.plan(_paths(model.params))
-    if not specs:
+    check_transform(model.params, model.config, tcfg)
+    specs, unused = recipe.plan(_paths(model.params)) if recipe else ({}, [])
+    if recipe is not None and not specs:
         raise JaxquantError(f"the recipe matches no parameter of {args.model}")
-    calibration = None
+    windows = None
     if calib_text is not None:
         ids = tokenize(model.tokenizer, calib_text)
         windows = sample_windows(ids, args.calib_seq_len, args.calib_windows,
@@ -238,21 +313,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                   f"{args.calib_windows} x {args.calib_seq_len} = {asked} asked for; the "
                   "random windows will overlap (use more text for a better calibration)",
                   file=sys.stderr)
-        calibration = Calibration(
-            config=model.config, batch_size=args.calib_batch_size, progress=not args.quiet,
-            true_sequential=args.true_sequential, windows=windows)
     start = time.perf_counter()
-    qparams, stats = quantize(model.params, recipe, calibration, return_stats=True)
+    params, cfg, tinfo = apply_transform(model.params, model.config, tcfg, windows)
+    if args.method == "awq":
+        from jaxquant.transforms.awq import awq
+
+        params = awq(params, cfg, windows, bits=spec.bits, group_size=spec.group_size,
+                     symmetric=spec.symmetric, batch_size=args.calib_batch_size,
+                     progress=not args.quiet)
+    stats: dict[str, Any] = {"seconds": 0.0, "layers": {}}
+    qparams = params
+    if recipe is not None:
+        calibration = None
+        if spec.method in CALIBRATED:
+            calibration = Calibration(
+                config=cfg, batch_size=args.calib_batch_size, progress=not args.quiet,
+                true_sequential=args.true_sequential, windows=windows)
+        qparams, stats = quantize(params, recipe, calibration, return_stats=True)
+    cfg = dataclasses.replace(cfg, act_quant=act, kv_bits=args.kv_bits)
     qparams = jax.block_until_ready(qparams)
     seconds = time.perf_counter() - start
-    report = quantization_report(model.params, qparams)
+    report = quantization_report(params, qparams)  # errors against the transformed weights
+    report["float_bytes"] = tree_nbytes(model.params)
+    float_bits = 8 * report["float_bytes"] / model.config.num_params()
+    if report["avg_bits"] is None:  # --method none: float weights
+        report["avg_bits"] = float_bits
+    label = _describe(spec, act, args.kv_bits, args.transform, args.method == "awq")
     summary = {
-        "model": args.model, "method": spec.method, "bits": spec.bits,
-        "group_size": spec.group_size, "symmetric": spec.symmetric,
-        "scale_dtype": spec.scale_dtype, "recipe": recipe.to_dict(),
+        "model": args.model, "method": args.method, "bits": spec.bits if spec else 16,
+        "group_size": spec.group_size if spec else None,
+        "symmetric": spec.symmetric if spec else None,
+        "scale_dtype": spec.scale_dtype if spec else None,
+        "recipe": recipe.to_dict() if recipe else None, "label": label,
+        "activations": None if act is None else dataclasses.asdict(act),
+        "kv_bits": args.kv_bits, **tinfo,
         "unused_rules": [r.pattern for r in unused], "seconds": seconds, **report,
     }
-    if calibration is not None:
+    if windows is not None:
         summary["calibration"] = {"data": str(args.calib), "windows": args.calib_windows,
                                   "seq_len": args.calib_seq_len, "seed": args.calib_seed,
                                   "true_sequential": args.true_sequential,
@@ -261,33 +358,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             summary["layers"][path].update({f"calibration_{k}": v for k, v in st.items()})
         if "blocks" in stats:
             summary["calibration"]["blocks"] = {str(k): v for k, v in stats["blocks"].items()}
-    print(f"{spec.describe()}: {report['quantized_layers']} layers, "
+    print(f"{label}: {report['quantized_layers']} layers, "
           f"{report['avg_bits']:.3f} bits/weight, model {report['float_bytes'] / 2**20:.1f} MiB "
           f"-> {report['quantized_bytes'] / 2**20:.1f} MiB in {seconds:.1f} s")
+    if act is not None and act.bits < 8:
+        print(f"note: {act.bits}-bit activations are emulated (quantized, then multiplied in "
+              "float) except with symmetric per-channel weights, which take an int8 dot")
     for rule in unused:
         print(f"warning: rule {rule.pattern!r} matched no parameter", file=sys.stderr)
     if args.bit_map:
         from jaxquant.eval.plots import plot_bit_allocation
 
-        plot_bit_allocation(qparams, args.bit_map, title=f"{args.model}: {spec.describe()}")
+        plot_bit_allocation(qparams, args.bit_map, title=f"{args.model}: {label}")
         print(f"wrote {args.bit_map}")
     if args.out:
         meta = {"source": model.source, "source_format": model.source_format,
                 "quantization": {k: summary[k] for k in (
-                    "recipe", "avg_bits", "quantized_bytes", "float_bytes")}}
-        save_checkpoint(args.out, config=model.config, params=qparams,
+                    "recipe", "label", "transform", "activations", "kv_bits", "avg_bits",
+                    "quantized_bytes", "float_bytes")}}
+        save_checkpoint(args.out, config=cfg, params=qparams,
                         tokenizer=model.tokenizer, metadata=meta, force=args.force)
         print(f"wrote {args.out}")
     if text is not None:
         windows = _windows(text, model.tokenizer, model.config.vocab_size, args)
         rows = []
-        for label, params, bits, size in (
-                (args.dtype, model.params, 8 * report["float_bytes"] / model.config.num_params(),
-                 report["float_bytes"]),
-                (spec.describe(), qparams, report["avg_bits"], report["quantized_bytes"])):
-            res = _perplexity(params, model.config, windows, args, label)
-            rows.append({"model": label, "bits_per_weight": bits, "bytes": size, "ppl": res.ppl,
-                         "windows": res.windows, "tokens": res.tokens,
+        for row_label, params, row_cfg, bits, size in (
+                (args.dtype, model.params, model.config, float_bits, report["float_bytes"]),
+                (label, qparams, cfg, report["avg_bits"], report["quantized_bytes"])):
+            res = _perplexity(params, row_cfg, windows, args, row_label)
+            rows.append({"model": row_label, "bits_per_weight": bits, "bytes": size,
+                         "ppl": res.ppl, "windows": res.windows, "tokens": res.tokens,
                          "seconds": res.seconds})
         summary["eval"] = {"data": text.source, "data_format": text.format,
                            "seq_len": args.seq_len, "rows": rows}
@@ -380,12 +480,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a model (RTN), save it, compare perplexity",
                        description=cmd_quantize.__doc__)
     _add_model(p)
-    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "slim", "slim+", "claq"],
+    p.add_argument("--method", default="rtn",
+                   choices=["rtn", "gptq", "slim", "slim+", "claq", "awq", "none"],
                    help="rtn (no data); gptq, slim (SliM-LLM mixed precision), slim+ "
-                        "(SliM-LLM+ learned clipping) or claq (CLAQ per-column K-Means "
-                        "codebooks) need --calib")
-    p.add_argument("--bits", type=_bits, default=4,
-                   help="code width, 2 to 8 (4); claq: an average such as 2.1 or 3.12")
+                        "(SliM-LLM+ learned clipping), claq (CLAQ per-column K-Means "
+                        "codebooks) or awq (activation-aware scales, then RTN) need --calib; "
+                        "none: float weights (--bits 16), with --transform / --act-bits")
+    p.add_argument("--bits", type=_bits, default=None,
+                   help="code width, 2 to 8 (4); claq: an average such as 2.1 or 3.12; "
+                        "16 with --method none")
+    p.add_argument("--act-bits", type=int, metavar="A",
+                   help="quantize every block linear layer's input per token to A bits "
+                        "(8: W8A8 with an int8 dot for symmetric per-channel weights; 4: "
+                        "W4A4, emulated where no int4 matmul exists)")
+    p.add_argument("--act-clip", type=float, metavar="C",
+                   help="activation range = C * max|x| per token (default 0.9 for 4 bits "
+                        "or fewer, else 1.0)")
+    p.add_argument("--act-asym", action="store_true",
+                   help="asymmetric activation codes (zero point per token; no int8 dot)")
+    p.add_argument("--kv-bits", type=int, choices=range(2, 9), metavar="K",
+                   help="quantize the KV cache per token and head to K bits (asymmetric)")
+    p.add_argument("--transform", default="none",
+                   choices=["none", "smooth", "rotate", "smoothrot"],
+                   help="before quantizing: smooth (SmoothQuant), rotate (QuaRot Hadamards, "
+                        "with online Hadamards in the forward) or smoothrot (smooth the "
+                        "down_proj input, then rotate); smooth* need --calib")
+    p.add_argument("--alpha", type=float,
+                   help="SmoothQuant migration strength in [0, 1] (0.5)")
+    p.add_argument("--alpha-search", action="store_true",
+                   help="search alpha per layer (grid 0..1, step 0.05) for the smallest "
+                        "quantized layer error at the chosen --bits/--act-bits")
+    p.add_argument("--rotation-seed", type=int, default=0,
+                   help="seed of the random Hadamard signs (0)")
     p.add_argument("--group-size", type=_positive, default=None,
                    help="input channels per scale and zero (128; claq: none, per column)")
     p.add_argument("--per-channel", action="store_true",

@@ -67,6 +67,14 @@ class QuantizedWeight:
         """``x @ W^T`` (jnp path: dequantize this one layer, then matmul)."""
         return ops.linear(x, self.dequantize(x.dtype))
 
+    def integer_codes(self) -> tuple[jax.Array, jax.Array] | None:
+        """``(int8 codes [out, in], float32 scale [out])`` with ``W = scale * codes``.
+
+        Only weights that are exactly such a product (symmetric, one scale per output
+        channel) return it; they take the integer matmul of W8A8 / W4A8. Others: None.
+        """
+        return None
+
     def embed(self, ids: jax.Array, dtype: Any) -> jax.Array:
         """Rows ``W[ids]`` (for quantized embedding tables)."""
         return jnp.take(self.dequantize(dtype), ids, axis=0)

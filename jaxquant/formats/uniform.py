@@ -72,6 +72,13 @@ class UniformWeight(QuantizedWeight):
             z = expand_groups(self.zeros.astype(jnp.float32), self.group_size, k)
         return (s * (q - z)).astype(dtype)
 
+    def integer_codes(self) -> tuple[jax.Array, jax.Array] | None:
+        """Symmetric per-channel weights: ``(codes - 2**(bits-1)`` as int8, scales)``."""
+        if self.zeros is not None or self.group_size < self.shape[1]:
+            return None
+        codes = (self.codes() - 2 ** (self.bits - 1)).astype(jnp.int8)
+        return codes, self.scales[:, 0].astype(jnp.float32)
+
     def summary(self) -> str:
         n, k = self.shape
         group = "per-channel" if self.group_size >= k else f"g{self.group_size}"

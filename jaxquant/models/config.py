@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from jaxquant.algorithms.act_quant import ActQuantConfig
 from jaxquant.errors import ConfigError
 
 #: Families and the Hugging Face ``model_type`` values that map to them.
@@ -84,6 +85,11 @@ class ModelConfig:
     max_position_embeddings: int = 2048  # context the model was trained for
     bos_token_id: int | None = None  # beginning-of-sequence token
     eos_token_id: int | None = None  # end-of-sequence token
+    # Run-time quantization and rotation of activations (set by jaxquant's transforms and
+    # ``quantize --act-bits/--kv-bits``, not by Hugging Face configs):
+    act_quant: ActQuantConfig | None = None  # inputs of every block linear, per token
+    kv_bits: int | None = None  # K/V quantized per token and head, asymmetric (None: float)
+    online_hadamard: bool = False  # Hadamards at run time: o_proj/down_proj inputs, q and k
 
     def __post_init__(self) -> None:
         if self.family not in set(FAMILIES.values()):
@@ -107,6 +113,16 @@ class ModelConfig:
             raise ConfigError("sliding-attention layers need a positive sliding_window")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ConfigError(f"unsupported activation {self.activation!r}")
+        if self.act_quant is not None and not isinstance(self.act_quant, ActQuantConfig):
+            raise ConfigError(f"act_quant must be an ActQuantConfig, got {self.act_quant!r}")
+        if self.act_quant is not None and not self.act_quant.dynamic:
+            raise ConfigError("the model quantizes activations per token at run time: "
+                              "static per-tensor scales are not supported in the forward")
+        if self.kv_bits is not None and (isinstance(self.kv_bits, bool)
+                                         or self.kv_bits not in range(2, 9)):
+            raise ConfigError(f"kv_bits must be an integer from 2 to 8, got {self.kv_bits!r}")
+        if self.online_hadamard and self.sandwich_norm:
+            raise ConfigError("online Hadamards need a pre-norm family (not Gemma 3)")
 
     @property
     def scale(self) -> float:
@@ -157,8 +173,10 @@ class ModelConfig:
                 if isinstance(d.get(key), Mapping):
                     d[key] = RopeConfig(**d[key])
             d["layer_types"] = tuple(d.get("layer_types", ()))
+            if isinstance(d.get("act_quant"), Mapping):
+                d["act_quant"] = ActQuantConfig(**d["act_quant"])
             return cls(**d)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid jaxquant model config: {e}") from e
 
 

@@ -17,7 +17,10 @@ import numpy as np
 from flax import nnx
 
 from jaxquant import ops
+from jaxquant.algorithms import act_quant
+from jaxquant.algorithms.act_quant import ActQuantConfig
 from jaxquant.models.config import ModelConfig, RopeConfig
+from jaxquant.transforms.hadamard import hadamard_transform
 
 _NEG_INF = -2.3819763e38  # large finite negative, as masked logits (avoids NaN rows)
 
@@ -27,12 +30,17 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """``y = x W^T + b`` with ``W`` of shape ``[out_features, in_features]``."""
+    """``y = x W^T + b`` with ``W`` of shape ``[out_features, in_features]``.
+
+    With ``act`` the input is quantized per token first (W8A8 / W4A4, see
+    :func:`jaxquant.ops.linear`); calibration records the float input.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: Any,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, act: ActQuantConfig | None = None):
         self.weight = nnx.Param(_normal(rngs, (out_features, in_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+        self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if ops.capturing_inputs():  # calibration: record statistics of this layer's inputs
@@ -43,7 +51,7 @@ class Linear(nnx.Module):
             if stride := ops.capture_sample_stride():
                 self.sow(nnx.Intermediate, "input_sample", xf[::stride])
         bias = None if self.bias is None else self.bias.get_value()
-        return ops.linear(x, self.weight.get_value(), bias)
+        return ops.linear(x, self.weight.get_value(), bias, act=self.act)
 
 
 class Embed(nnx.Module):
@@ -156,15 +164,77 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_pos: jax.Array,
     return out.reshape(b, t, h * d)
 
 
+# --- KV cache ---------------------------------------------------------------------------
+# A float cache is ``{"k", "v"}`` of ``[B, S, KV, D]``. A quantized cache (``kv_bits``)
+# holds uint8 codes, two per byte when ``kv_bits <= 4`` (``[B, S, KV, D / 2]``: even
+# channels in the low nibble), and per token and head a scale and an offset
+# (``k_scale``, ``k_offset``, ... of ``[B, S, KV, 1]`` in the cache dtype).
+
+
+def fake_quant_kv(x: jax.Array, bits: int) -> jax.Array:
+    """K or V ``[B, T, KV, D]`` quantized per token and head, then dequantized."""
+    codes, scale, offset = act_quant.quantize_kv(x, bits)
+    return act_quant.dequantize_kv(codes, scale, offset, dtype=x.dtype)
+
+
+def kv_code_width(head_dim: int, bits: int | None) -> int:
+    """Bytes of codes per token and head: two codes per byte up to 4 bits."""
+    return head_dim // 2 if bits is not None and bits <= 4 else head_dim
+
+
+def _pack_nibbles(codes: jax.Array) -> jax.Array:
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: jax.Array) -> jax.Array:
+    lo, hi = packed & 0xF, packed >> 4
+    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array, start: jax.Array,
+                bits: int | None) -> dict[str, jax.Array]:
+    """Writes this step's keys and values at slots ``start .. start + T - 1``."""
+    new = {"k": k, "v": v}
+    if bits:
+        new = {}
+        for name, x in (("k", k), ("v", v)):
+            codes, scale, offset = act_quant.quantize_kv(x, bits)
+            new[name] = _pack_nibbles(codes) if bits <= 4 else codes
+            new[name + "_scale"], new[name + "_offset"] = scale, offset
+    return {name: jax.lax.dynamic_update_slice(cache[name], x.astype(cache[name].dtype),
+                                               (0, start, 0, 0))
+            for name, x in new.items()}
+
+
+def read_cache(cache: dict[str, jax.Array], bits: int | None, dtype: Any
+               ) -> tuple[jax.Array, jax.Array]:
+    """All cached keys and values ``[B, S, KV, D]`` in ``dtype`` (dequantized)."""
+    if not bits:
+        return cache["k"].astype(dtype), cache["v"].astype(dtype)
+    out = []
+    for name in ("k", "v"):
+        codes = _unpack_nibbles(cache[name]) if bits <= 4 else cache[name]
+        out.append(act_quant.dequantize_kv(codes, cache[name + "_scale"].astype(jnp.float32),
+                                           cache[name + "_offset"].astype(jnp.float32),
+                                           dtype=dtype))
+    return out[0], out[1]
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with GQA, RoPE, optional biases and q/k norms."""
 
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype: Any, rngs: nnx.Rngs):
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        h, d, act = cfg.hidden_size, cfg.head_dim, cfg.act_quant
+        self.q_proj = Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs,
+                             act=act)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs,
+                             act=act)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs,
+                             act=act)
+        self.o_proj = Linear(cfg.num_heads * d, h, bias=cfg.o_bias, dtype=dtype, rngs=rngs,
+                             act=act)
+        self.online_hadamard = cfg.online_hadamard
+        self.kv_bits = cfg.kv_bits
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
             self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, offset=cfg.norm_offset, dtype=dtype)
@@ -192,22 +262,23 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, self.inv_freq)
         k = apply_rope(k, positions, self.inv_freq)
+        if self.online_hadamard:  # (q H)(k H)^T = q k^T: rotated keys quantize better
+            q, k = hadamard_transform(q), hadamard_transform(k)
         if cache is None:
+            if self.kv_bits:  # no cache to store: quantize and dequantize in place
+                k, v = fake_quant_kv(k, self.kv_bits), fake_quant_kv(v, self.kv_bits)
             out = attention(q, k, v, q_pos=positions, k_pos=positions, k_valid=None,
                             scale=self.scale, window=self.window, softcap=self.softcap)
         else:
-            start = length
-            ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
-                                              (0, start, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
-                                              (0, start, 0, 0))
+            cache = write_cache(cache, k, v, length, self.kv_bits)
+            ck, cv = read_cache(cache, self.kv_bits, q.dtype)
             s = ck.shape[1]
             k_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype), (b, s))
-            valid = k_pos < start + t
-            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), q_pos=positions,
-                            k_pos=k_pos, k_valid=valid, scale=self.scale, window=self.window,
-                            softcap=self.softcap)
-            cache = {"k": ck, "v": cv}
+            valid = k_pos < length + t
+            out = attention(q, ck, cv, q_pos=positions, k_pos=k_pos, k_valid=valid,
+                            scale=self.scale, window=self.window, softcap=self.softcap)
+        if self.online_hadamard:  # across all heads; o_proj's weight holds W H^T
+            out = hadamard_transform(out)
         return self.o_proj(out), cache
 
 
@@ -215,11 +286,12 @@ class MLP(nnx.Module):
     """Gated MLP: ``down(act(gate(x)) * up(x))`` (Shazeer, 2020, "GLU Variants", eq. 6)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
-        h, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = Linear(h, f, bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(h, f, bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, h, bias=bias, dtype=dtype, rngs=rngs)
+        h, f, bias, act = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.act_quant
+        self.gate_proj = Linear(h, f, bias=bias, dtype=dtype, rngs=rngs, act=act)
+        self.up_proj = Linear(h, f, bias=bias, dtype=dtype, rngs=rngs, act=act)
+        self.down_proj = Linear(f, h, bias=bias, dtype=dtype, rngs=rngs, act=act)
         self.activation = cfg.activation
+        self.online_hadamard = cfg.online_hadamard
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = self.gate_proj(x)
@@ -227,4 +299,7 @@ class MLP(nnx.Module):
             gate = jax.nn.silu(gate)
         else:
             gate = jax.nn.gelu(gate, approximate=True)
-        return self.down_proj(gate * self.up_proj(x))
+        h = gate * self.up_proj(x)
+        if self.online_hadamard:  # QuaRot's online rotation; down_proj holds W H^T
+            h = hadamard_transform(h)
+        return self.down_proj(h)

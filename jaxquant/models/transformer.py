@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant.models.config import ModelConfig
-from jaxquant.models.layers import MLP, Attention, Embed, Linear, RMSNorm
+from jaxquant.models.layers import MLP, Attention, Embed, Linear, RMSNorm, kv_code_width
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -192,9 +192,19 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
       dtype: Dtype of the cached keys and values.
 
     Returns:
-      ``{"length": int32 scalar, "layers": [{"k", "v"}: [batch, max_len, kv_heads, head_dim]]}``.
+      ``{"length": int32 scalar, "layers": [{"k", "v"}: [batch, max_len, kv_heads, head_dim]]}``;
+      with ``cfg.kv_bits`` the keys and values are uint8 codes (two per byte up to 4
+      bits) with ``k_scale``, ``k_offset``, ``v_scale``, ``v_offset`` of
+      ``[batch, max_len, kv_heads, 1]`` in ``dtype``.
     """
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.kv_bits:
+        codes = (*shape[:-1], kv_code_width(cfg.head_dim, cfg.kv_bits))
+        one = {name: jnp.zeros(codes, jnp.uint8) for name in ("k", "v")}
+        one |= {f"{n}_{p}": jnp.zeros((*shape[:-1], 1), dtype)
+                for n in ("k", "v") for p in ("scale", "offset")}
+        return {"length": jnp.zeros((), jnp.int32),
+                "layers": [dict(one) for _ in range(cfg.num_layers)]}
     layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
               for _ in range(cfg.num_layers)]
     return {"length": jnp.zeros((), jnp.int32), "layers": layers}

@@ -36,10 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.errors import JaxquantError
 from jaxquant.formats.base import is_quantized
 from jaxquant.models.config import ModelConfig
 from jaxquant.params import flatten, unflatten
-from jaxquant.transforms.hadamard import random_hadamard_matrix
+from jaxquant.transforms.hadamard import (
+    hadamard_factorization,
+    hadamard_transform,
+    random_hadamard_matrix,
+)
 
 Params = dict[str, Any]
 _HI = jax.lax.Precision.HIGHEST
@@ -51,7 +56,7 @@ READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_att
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
-class TransformError(ValueError):
+class TransformError(JaxquantError, ValueError):
     """A transform cannot apply (unsupported family, quantized weights, missing data)."""
 
 
@@ -65,6 +70,17 @@ def check_rotatable(params: Params, cfg: ModelConfig) -> None:
         if is_quantized(leaf) or not isinstance(leaf, jax.Array | np.ndarray) or \
                 not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TransformError(f"{path} is not a float array: rotate before quantizing")
+
+
+def check_online_sizes(cfg: ModelConfig) -> None:
+    """The online Hadamards need Hadamard matrices of these orders (:func:`fold_online`)."""
+    sizes = {"head_dim": cfg.head_dim, "num_heads * head_dim": cfg.num_heads * cfg.head_dim,
+             "intermediate_size": cfg.intermediate_size}
+    for name, n in sizes.items():
+        try:
+            hadamard_factorization(n)
+        except ValueError as e:
+            raise TransformError(f"online Hadamard of {name} = {n}: {e}") from e
 
 
 def scale_columns(w: jax.Array, gamma: jax.Array) -> jax.Array:
@@ -170,3 +186,62 @@ def random_hadamard_rotation(params: Params, cfg: ModelConfig, key: jax.Array
     """
     q = random_hadamard_matrix(cfg.hidden_size, key)
     return rotate_residual(params, cfg, np.asarray(q, np.float32))
+
+
+def _had(w: jax.Array, axis: int) -> jax.Array:
+    """``hadamard_transform`` along ``axis`` in float32, in ``w``'s dtype."""
+    return hadamard_transform(w.astype(jnp.float32), axis=axis).astype(w.dtype)
+
+
+def fold_online(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
+    """Prepares the weights for QuaRot's online Hadamards (Ashkboos et al., 2024, Sec. 4).
+
+    With ``cfg.online_hadamard`` the forward applies the normalized transform
+    ``T(x) = x H^T / sqrt(n)`` (orthogonal, :func:`~jaxquant.transforms.hadamard.
+    hadamard_transform`) to
+
+    * the down_proj input (``n`` = intermediate size): ``W_down ← T(W_down)`` along its
+      input axis, so ``T(x) T(W)^T = x W^T``;
+    * queries and keys after RoPE, over ``head_dim``: ``T(q) T(k)^T = q k^T``, nothing to
+      fold; the rotated keys are what a quantized KV cache stores;
+    * the o_proj input, across all heads (``n = heads * head_dim``; SmolLM2: 9 x 64 = 576
+      = 36 x 16, which has no Kronecker split into a Hadamard over 9 heads):
+      ``W_o ← T(W_o)``.
+
+    Offline, values are rotated per head over ``head_dim`` (``v_proj`` rows of each
+    head ``← T_d`` applied from the left, o_proj columns of each head ``← T_d``), so a
+    quantized V cache stores rotated values too. The float function is unchanged.
+
+    Args:
+      params: Float parameters (rotated or not; any pre-norm family).
+      cfg: Their model config (``online_hadamard`` must be off).
+
+    Returns:
+      ``(params, cfg)`` with ``cfg.online_hadamard = True``.
+
+    Raises:
+      TransformError: Unsupported family, quantized weights, sizes without a Hadamard
+        matrix, or the online Hadamards already folded.
+    """
+    if cfg.online_hadamard:
+        raise TransformError("the online Hadamards are already folded into these weights")
+    flat = flatten(params)
+    check_rotatable(flat, cfg)
+    check_online_sizes(cfg)
+    out = dict(flat)
+    d, heads, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    for i in range(cfg.num_layers):
+        pre = f"layers.{i}."
+        down = pre + "mlp.down_proj.weight"
+        out[down] = _had(flat[down], -1)
+        v = pre + "self_attn.v_proj.weight"
+        w = flat[v]
+        out[v] = _had(w.reshape(kv, d, w.shape[1]), 1).reshape(w.shape)
+        if pre + "self_attn.v_proj.bias" in flat:
+            b = flat[pre + "self_attn.v_proj.bias"]
+            out[pre + "self_attn.v_proj.bias"] = _had(b.reshape(kv, d), -1).reshape(b.shape)
+        o = pre + "self_attn.o_proj.weight"
+        w = flat[o]
+        w = _had(w.reshape(w.shape[0], heads, d), -1).reshape(w.shape)
+        out[o] = _had(w, -1)
+    return unflatten(out), dataclasses.replace(cfg, online_hadamard=True)
