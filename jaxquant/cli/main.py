@@ -403,6 +403,49 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Quantization difficulty of every linear layer's input and weight, per transform:
+    a JSON report and PNG plots (Czakó, Kertész, Szénási, SACI 2025)."""
+    from jaxquant.checkpoints.jq_checkpoint import atomic_output_dir
+    from jaxquant.checkpoints.load import load_model, resolve
+    from jaxquant.data import load_text, sample_windows, tokenize
+    from jaxquant.eval.analysis import analyze, write_report
+    from jaxquant.eval.analysis_plots import plot_all
+    from jaxquant.transforms.pipeline import TransformConfig, apply_transform, check_transform
+
+    resolve(args.model)
+    check_output(args.out, force=args.force)
+    kinds = list(dict.fromkeys(args.transform or ["none", "smooth", "rotate", "smoothrot"]))
+    tcfgs = {k: TransformConfig(kind=k, alpha=args.alpha) for k in kinds}
+    calib = load_text(args.calib, args.calib_format)
+    model = load_model(args.model, dtype=args.dtype)
+    for tcfg in tcfgs.values():
+        check_transform(model.params, model.config, tcfg)
+    ids = tokenize(model.tokenizer, calib)
+    windows = sample_windows(ids, args.calib_seq_len, args.calib_windows, seed=args.calib_seed)
+    variants = {}
+    for kind, tcfg in tcfgs.items():
+        params, cfg, _ = apply_transform(model.params, model.config, tcfg, windows)
+        variants[kind] = (params, cfg)
+    report = analyze(variants, windows, act_bits=args.act_bits, weight_bits=args.weight_bits,
+                     layers=args.layers, sample_tokens=args.sample_tokens,
+                     batch_size=args.calib_batch_size, progress=not args.quiet)
+    report["settings"].update({"model": args.model, "calib": str(args.calib),
+                               "alpha": args.alpha})
+    with atomic_output_dir(args.out, force=args.force) as tmp:
+        write_report(report, tmp)
+        plots = plot_all(report, tmp)
+    print(f"{'transform':<10} {'mean act metric':>16} {'mean weight metric':>19} "
+          f"{'rel. layer error':>17} {'(estimate)':>11}")
+    for kind, v in report["variants"].items():
+        sm = v["summary"]
+        print(f"{kind:<10} {sm['mean_act_metric']:>16.4g} {sm['mean_weight_metric']:>19.4g} "
+              f"{sm['mean_relative_error']:>17.4g} {sm['mean_relative_error_estimate']:>11.4g}")
+    print(f"wrote {args.out}/analysis.json and {len(plots)} plots "
+          f"(W{args.weight_bits}A{args.act_bits} layer errors)")
+    return 0
+
+
 def _paths(params: Any) -> list[str]:
     from jaxquant.params import flatten
 
@@ -581,6 +624,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("analyze", help="quantization difficulty per layer and transform, "
+                       "with plots", description=cmd_analyze.__doc__)
+    _add_model(p)
+    p.add_argument("--transform", action="append",
+                   choices=["none", "smooth", "rotate", "smoothrot"],
+                   help="a transform to compare (repeat; default: all four)")
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant strength (0.5)")
+    p.add_argument("--act-bits", type=int, default=4, help="activation bits of the layer "
+                   "error (4)")
+    p.add_argument("--weight-bits", type=int, default=4, help="weight bits of the layer "
+                   "error (4)")
+    p.add_argument("--layers", type=int, nargs="+", metavar="I",
+                   help="analyze only these blocks (default: all)")
+    p.add_argument("--calib", default="kjv-nt", metavar="PATH",
+                   help="text the activations come from (default: kjv-nt, the demo "
+                        "corpus's New Testament)")
+    p.add_argument("--calib-format", default="wikitext", choices=["wikitext", "plain"])
+    p.add_argument("--calib-windows", type=_positive, default=8,
+                   help="random windows of the text (8)")
+    p.add_argument("--calib-seq-len", type=_positive, default=2048)
+    p.add_argument("--calib-batch-size", type=_positive, default=4)
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--sample-tokens", type=_positive, default=2048,
+                   help="input rows per layer the metrics are computed on (2048)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: analysis.json and PNG plots")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("generate", help="greedy text generation with the KV cache",
                        description=cmd_generate.__doc__)

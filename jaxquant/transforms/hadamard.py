@@ -452,16 +452,35 @@ def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def _fwht_last(x: jax.Array) -> jax.Array:
-    """Unnormalized Sylvester transform along the last axis (a power of two)."""
-    size = x.shape[-1]
-    batch = x.shape[:-1]
-    stages = size.bit_length() - 1
-    for s in range(stages):  # Unrolled at trace time: log2(size) butterflies.
-        x = x.reshape((*batch, 1 << s, 2, size >> (s + 1)))
-        lo, hi = x[..., 0, :], x[..., 1, :]
-        x = jnp.stack([lo + hi, lo - hi], axis=-2)
-    return x.reshape((*batch, size))
+#: Largest Sylvester factor applied as one dense matmul (tensor-core friendly).
+_MAX_FACTOR = 128
+
+
+def _pow2_factors(p: int) -> list[int]:
+    """``p = 2^m`` as a product of powers of two of at most :data:`_MAX_FACTOR`, balanced."""
+    m = p.bit_length() - 1
+    stages = -(-m // (_MAX_FACTOR.bit_length() - 1)) if m else 0
+    sizes, left = [], m
+    for i in range(stages):
+        a = -(-left // (stages - i))
+        sizes.append(1 << a)
+        left -= a
+    return sizes
+
+
+def _apply(y: jax.Array, h: np.ndarray, axis: int) -> jax.Array:
+    """``y`` multiplied by ``h`` (``[k, k]``, ±1) along ``axis``: ``y_i <- sum_j h_ij y_j``.
+
+    float32/float64 inputs: at their precision (``HIGHEST``). bfloat16/float16 inputs: the
+    ±1 entries are exact in them, products are accumulated in float32 (tensor cores), and
+    the result is rounded back to the input dtype.
+    """
+    exact = y.dtype in (jnp.float32, jnp.float64)
+    hm = jnp.asarray(h, dtype=y.dtype)
+    out = jnp.tensordot(y, hm, axes=((axis,), (1,)),
+                        precision=jax.lax.Precision.HIGHEST if exact else None,
+                        preferred_element_type=None if exact else jnp.float32)
+    return jnp.moveaxis(out, -1, axis).astype(y.dtype)
 
 
 def hadamard_transform(x: jax.Array, *, axis: int = -1, normalize: bool = True,
@@ -481,8 +500,9 @@ def hadamard_transform(x: jax.Array, *, axis: int = -1, normalize: bool = True,
     (equal to the transform itself when ``H`` is symmetric, e.g. powers of two).
 
     Args:
-      x: real array; floating dtypes are kept (bfloat16/float16/float32 are computed
-        in float32, float64 in float64), other dtypes return float32.
+      x: real array; floating dtypes are kept (float32 and float64 are computed at
+        full precision; bfloat16/float16 accumulate each factor's products in float32
+        and round to their dtype between factors), other dtypes return float32.
       axis: the axis to transform.
       normalize: divide by ``sqrt`` of the block order (orthonormal transform).
       allow_block_diagonal: permit the block-diagonal fallback for sizes without a
@@ -497,6 +517,8 @@ def hadamard_transform(x: jax.Array, *, axis: int = -1, normalize: bool = True,
     x = jnp.asarray(x)
     out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     cdtype = _compute_dtype(x.dtype)
+    if out_dtype in (jnp.bfloat16, jnp.float16):
+        cdtype = out_dtype
     if x.ndim == 0:
         raise ValueError("hadamard_transform needs an array with at least one axis")
     axis = axis % x.ndim
@@ -504,15 +526,17 @@ def hadamard_transform(x: jax.Array, *, axis: int = -1, normalize: bool = True,
     f = hadamard_factorization(n, allow_block_diagonal=allow_block_diagonal)
     y = jnp.moveaxis(x, axis, -1).astype(cdtype)
     lead = y.shape[:-1]
-    y = y.reshape((*lead, f.num_blocks, f.base_order, f.power_of_two))
-    if f.power_of_two > 1:
-        y = _fwht_last(y)
+    factors = _pow2_factors(f.power_of_two)
+    y = y.reshape((*lead, f.num_blocks, f.base_order, *factors))
+    first = len(lead) + 1  # the K axis
     if f.base_order > 1:
-        h_k = jnp.asarray(_base_matrix(f.base_order), dtype=cdtype)
-        y = jnp.einsum("ij,...jp->...ip", h_k, y, precision=jax.lax.Precision.HIGHEST)
-    if normalize:
-        y = y * jnp.asarray(1.0 / math.sqrt(f.block_size), dtype=cdtype)
+        y = _apply(y, _base_matrix(f.base_order), first)
+    for i, p in enumerate(factors):
+        y = _apply(y, _base_matrix(p), first + 1 + i)
     y = y.reshape((*lead, n))
+    if normalize:
+        y = (y.astype(jnp.float32 if cdtype != jnp.float64 else cdtype)
+             * (1.0 / math.sqrt(f.block_size)))
     return jnp.moveaxis(y, -1, axis).astype(out_dtype)
 
 
