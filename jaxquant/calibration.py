@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import jax
@@ -62,7 +62,7 @@ class Calibration:
 class LayerInputs:
     """What calibration knows of one linear layer's inputs ``X [n_tokens, in]``."""
 
-    hessian: jax.Array  # 2 X^T X / n, float32 [in, in]
+    hessian: jax.Array | None  # 2 X^T X / n, float32 [in, in] (None: not collected)
     absmax: jax.Array  # max_t |X_tj|, float32 [in]
     sample: jax.Array | None  # a strided sample of rows of X, float32 [m, in]
     tokens: int  # n, calibration tokens the statistics are over
@@ -80,10 +80,10 @@ BlockFn = Callable[[ModelConfig, int, Any, Any, list[jax.Array], dict[str, Any],
                     dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 4))
+@functools.partial(jax.jit, static_argnums=(1, 2, 4, 5))
 def _block_stats(block_params: Any, cfg: ModelConfig, layer: int, x: jax.Array,
-                 sample_stride: int) -> Any:
-    with ops.capture_inputs(sample_stride):
+                 sample_stride: int, gram: bool) -> Any:
+    with ops.capture_inputs(sample_stride, gram=gram):
         block = transformer.bind_block(block_params, cfg, layer)
         b, t, _ = x.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -92,11 +92,11 @@ def _block_stats(block_params: Any, cfg: ModelConfig, layer: int, x: jax.Array,
             return blk(x, positions, None, None)[0]
 
         if hasattr(nnx, "capture"):  # flax >= 0.12.8: sow only inside nnx.capture
-            _, stats = nnx.capture(run, nnx.Intermediate)(block, x, positions)
+            y, stats = nnx.capture(run, nnx.Intermediate)(block, x, positions)
         else:
-            run(block, x, positions)
+            y = run(block, x, positions)
             stats = nnx.state(block, nnx.Intermediate)
-    return nnx.to_pure_dict(stats)
+    return y, nnx.to_pure_dict(stats)
 
 
 _apply_block = jax.jit(transformer.apply_block, static_argnums=(1, 2))
@@ -140,29 +140,85 @@ def _stages(paths: list[str], true_sequential: bool) -> list[list[str]]:
 
 
 def collect_inputs(block_params: Any, cfg: ModelConfig, layer: int, xs: list[jax.Array],
-                   paths: list[str], sample_tokens: int = 0) -> dict[str, LayerInputs]:
-    """Input statistics of the linear layers ``paths`` of one block over batches ``xs``."""
+                   paths: list[str], sample_tokens: int = 0, *, hessian: bool = True
+                   ) -> dict[str, LayerInputs]:
+    """Input statistics of the linear layers ``paths`` of one block over batches ``xs``.
+
+    ``hessian=False`` skips the ``[in, in]`` Gram matrices (``LayerInputs.hessian`` is
+    None) for callers that need only the maxima and samples.
+    """
+    return _collect(block_params, cfg, layer, xs, paths, sample_tokens, hessian)[0]
+
+
+def _collect(block_params: Any, cfg: ModelConfig, layer: int, xs: list[jax.Array],
+             paths: list[str], sample_tokens: int, hessian: bool
+             ) -> tuple[dict[str, LayerInputs], list[jax.Array]]:
+    """:func:`collect_inputs`, and the block's outputs of the same forward passes."""
     tokens = sum(int(np.prod(x.shape[:2])) for x in xs)
     stride = 0
     if sample_tokens > 0:
         stride = max(1, tokens // sample_tokens)
         stride += stride % 2 == 0 and stride > 1  # odd: do not always hit the same positions
     acc: dict[str, dict[str, Any]] = {}
+    outs = []
     for x in xs:
-        stats = _block_stats(block_params, cfg, transformer.canonical_layer(cfg, layer), x,
-                             stride)
+        y, stats = _block_stats(block_params, cfg, transformer.canonical_layer(cfg, layer), x,
+                             stride, hessian)
+        outs.append(y)
         for path, st in _layer_stats(stats).items():
             if path not in paths:
                 continue
             a = acc.setdefault(path, {"gram": 0.0, "absmax": 0.0, "sample": []})
-            a["gram"] = a["gram"] + st["input_gram"]
+            if hessian:
+                a["gram"] = a["gram"] + st["input_gram"]
             a["absmax"] = jnp.maximum(a["absmax"], st["input_absmax"])
             if "input_sample" in st:
                 a["sample"].append(st["input_sample"])
-    return {p: LayerInputs(hessian=a["gram"] * (2.0 / tokens), absmax=a["absmax"],
+    return {p: LayerInputs(hessian=a["gram"] * (2.0 / tokens) if hessian else None,
+                           absmax=a["absmax"],
                            sample=jnp.concatenate(a["sample"]) if a["sample"] else None,
                            tokens=tokens)
-            for p, a in acc.items()}
+            for p, a in acc.items()}, outs
+
+
+def float_block_inputs(params: Any, cfg: ModelConfig, windows: np.ndarray, *,
+                       batch_size: int = 8, sample_tokens: int = 0, hessian: bool = False,
+                       blocks: Collection[int] | None = None
+                       ) -> Iterator[tuple[int, Any, dict[str, LayerInputs]]]:
+    """Walks the *float* model block by block: the input statistics of every linear layer.
+
+    Unlike :func:`sequential_quantize`, nothing is quantized on the way: block ``i``'s
+    inputs are the float outputs of blocks ``0..i-1`` (what SmoothQuant, AWQ and the
+    difficulty analysis measure). Memory: one block's activations of the windows.
+
+    Args:
+      params: Parameters (a block's linear weights may be any format).
+      cfg: Their model config.
+      windows: ``[n, seq]`` int token windows.
+      batch_size: Windows per forward pass.
+      sample_tokens: Input rows sampled per layer (0: none).
+      hessian: Also collect the ``[in, in]`` Hessians.
+      blocks: Only these blocks (the walk runs up to the largest; default: all).
+
+    Yields:
+      ``(layer, block_params, {path: LayerInputs})`` with paths relative to the block
+      (``mlp.down_proj.weight``). Each block runs once per batch: the forward that
+      captures its inputs' statistics also gives the next block's inputs.
+    """
+    windows = np.asarray(windows, np.int32)
+    bs = max(1, batch_size)
+    xs = [_embed(params, cfg, jnp.asarray(windows[i:i + bs]))
+          for i in range(0, len(windows), bs)]
+    wanted = set(range(cfg.num_layers) if blocks is None else blocks)
+    last = max(wanted, default=-1)
+    for layer in range(last + 1):
+        block = params["layers"][layer]
+        if layer not in wanted:
+            xs = [apply_block(block, cfg, layer, x) for x in xs]
+            continue
+        paths = sorted(p for p in flatten(block) if p.endswith("proj.weight"))
+        stats, xs = _collect(block, cfg, layer, xs, paths, sample_tokens, hessian)
+        yield layer, block, stats
 
 
 def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: LayerFn,

@@ -26,21 +26,21 @@ _LINEAR: dict[type, LinearImpl] = {}
 _EMBED: dict[type, EmbedImpl] = {}
 
 
-_CAPTURE: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+_CAPTURE: contextvars.ContextVar[tuple[int, bool] | None] = contextvars.ContextVar(
     "jaxquant_capture_inputs", default=None)
 
 
 @contextlib.contextmanager
-def capture_inputs(sample_stride: int = 0) -> Iterator[None]:
+def capture_inputs(sample_stride: int = 0, *, gram: bool = True) -> Iterator[None]:
     """While tracing inside this context, linear layers record statistics of their inputs.
 
     A trace-time switch (it changes what is traced, not a runtime flag): calibration
     traces blocks inside it and reads these ``nnx.Intermediate`` values per layer:
-    ``input_gram`` (``X^T X``, float32), ``input_absmax`` (``max |X_j|`` per input
-    channel) and, when ``sample_stride > 0``, ``input_sample`` (every
-    ``sample_stride``-th token row of ``X``).
+    ``input_gram`` (``X^T X``, float32; only with ``gram``), ``input_absmax``
+    (``max |X_j|`` per input channel) and, when ``sample_stride > 0``, ``input_sample``
+    (every ``sample_stride``-th token row of ``X``).
     """
-    token = _CAPTURE.set(int(sample_stride))
+    token = _CAPTURE.set((int(sample_stride), bool(gram)))
     try:
         yield
     finally:
@@ -54,7 +54,14 @@ def capturing_inputs() -> bool:
 
 def capture_sample_stride() -> int:
     """Token stride of the captured input sample (0: no sample)."""
-    return _CAPTURE.get() or 0
+    state = _CAPTURE.get()
+    return state[0] if state else 0
+
+
+def capture_gram() -> bool:
+    """Whether the captured statistics include the Gram matrix ``X^T X``."""
+    state = _CAPTURE.get()
+    return bool(state and state[1])
 
 
 def register_linear(weight_type: type, impl: LinearImpl) -> None:

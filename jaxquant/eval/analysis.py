@@ -80,9 +80,8 @@ from jaxquant.algorithms.act_quant import (
     layer_error,
     layer_error_estimate,
 )
-from jaxquant.calibration import apply_block, collect_inputs
+from jaxquant.calibration import float_block_inputs
 from jaxquant.errors import DataError
-from jaxquant.models import transformer
 from jaxquant.models.config import ModelConfig
 from jaxquant.params import flatten
 
@@ -95,7 +94,6 @@ KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
 DETAIL_KINDS = ("self_attn.q_proj", "mlp.down_proj")
 _PATH = re.compile(r"layers\.(\d+)\.(.+)")
 _HI = jax.lax.Precision.HIGHEST
-_embed = jax.jit(transformer.embed, static_argnums=1)
 
 
 def kind_order(kind: str) -> tuple[int, str]:
@@ -287,69 +285,62 @@ def _analyze_variant(name: str, params: Any, cfg: ModelConfig, windows: np.ndarr
         raise ValueError(f"variant {name!r} has {cfg.num_layers} blocks; cannot analyze "
                          f"block(s) {bad}")
     detail_paths = _default_detail(blocks) if detail is None else detail
-    wanted = set(blocks)
-    xs = [_embed(params, cfg, jnp.asarray(windows[i:i + batch_size]))
-          for i in range(0, len(windows), batch_size)]
     out_layers: dict[str, dict[str, Any]] = {}
     out_detail: dict[str, dict[str, list[float]]] = {}
-    for layer in range(max(blocks) + 1):
-        block = params["layers"][layer]
-        if layer in wanted:
-            weights = _block_weights(block)
-            if not weights:
-                raise ValueError(f"variant {name!r}: block {layer} has no linear layers "
-                                 f"(*proj.weight)")
-            weights = {k: _float_weight(name, f"layers.{layer}.{k}", w)
-                       for k, w in sorted(weights.items(), key=lambda kw: kind_order(kw[0]))}
-            stats = collect_inputs(block, cfg, layer, xs, [k + ".weight" for k in weights],
-                                   sample_tokens=sample_tokens)
-            results = {}
-            for kind, w in weights.items():
-                st = stats.get(kind + ".weight")
-                if st is None or st.sample is None:
-                    raise ValueError(f"variant {name!r}: the forward of block {layer} did not "
-                                     f"capture the input of {kind}")
-                results[kind] = {"absmax": st.absmax,
-                                 **_layer_metrics(st.sample, w, act_bits, weight_bits)}
-            results = jax.device_get(results)  # one transfer per block (keys re-sorted)
-            for kind in weights:  # block order
-                m = results[kind]
-                path = f"layers.{layer}.{kind}"
-                amax = np.asarray(m["absmax"])
-                shape = weights[kind].shape
-                if not (bool(m["x_finite"]) and np.all(np.isfinite(amax))):
-                    raise DataError(f"variant {name!r}: non-finite activations (NaN or Inf) at "
-                                    f"the input of {path}; check the parameters of this "
-                                    f"variant")
-                if not bool(m["w_finite"]):
-                    raise ValueError(f"variant {name!r}: {path}.weight holds NaN or Inf")
-                err, est = _num(m["layer_error"]), _num(m["layer_error_estimate"])
-                ref = _num(m["output_norm_sq"])
-                out_layers[path] = {
-                    "block": layer,
-                    "kind": kind,
-                    "in_features": int(shape[1]),
-                    "out_features": int(shape[0]),
-                    "rows": int(stats[kind + ".weight"].sample.shape[0]),
-                    "act_metric": _num(m["act_metric"]),
-                    "weight_metric": _num(m["weight_metric"]),
-                    "act_norm_mean": _num(np.mean(m["act_norms"])),
-                    "weight_norm_mean": _num(np.mean(m["weight_norms"])),
-                    "layer_error": err,
-                    "layer_error_estimate": est,
-                    "output_norm_sq": ref,
-                    "relative_error": _ratio(err, ref),
-                    "relative_error_estimate": _ratio(est, ref),
-                    "act_absmax_max": _num(amax.max()),
-                }
-                if path in detail_paths:
-                    out_detail[path] = {
-                        "act_norms": [float(v) for v in np.asarray(m["act_norms"])],
-                        "weight_norms": [float(v) for v in np.asarray(m["weight_norms"])]}
+    walk = float_block_inputs(params, cfg, windows, batch_size=batch_size,
+                              sample_tokens=sample_tokens, blocks=blocks)
+    for layer, block, stats in walk:
+        weights = _block_weights(block)
+        if not weights:
+            raise ValueError(f"variant {name!r}: block {layer} has no linear layers "
+                             f"(*proj.weight)")
+        weights = {k: _float_weight(name, f"layers.{layer}.{k}", w)
+                   for k, w in sorted(weights.items(), key=lambda kw: kind_order(kw[0]))}
+        results = {}
+        for kind, w in weights.items():
+            st = stats.get(kind + ".weight")
+            if st is None or st.sample is None:
+                raise ValueError(f"variant {name!r}: the forward of block {layer} did not "
+                                 f"capture the input of {kind}")
+            results[kind] = {"absmax": st.absmax,
+                             **_layer_metrics(st.sample, w, act_bits, weight_bits)}
+        results = jax.device_get(results)  # one transfer per block (keys re-sorted)
+        for kind in weights:  # block order
+            m = results[kind]
+            path = f"layers.{layer}.{kind}"
+            amax = np.asarray(m["absmax"])
+            shape = weights[kind].shape
+            if not (bool(m["x_finite"]) and np.all(np.isfinite(amax))):
+                raise DataError(f"variant {name!r}: non-finite activations (NaN or Inf) at "
+                                f"the input of {path}; check the parameters of this "
+                                f"variant")
+            if not bool(m["w_finite"]):
+                raise ValueError(f"variant {name!r}: {path}.weight holds NaN or Inf")
+            err, est = _num(m["layer_error"]), _num(m["layer_error_estimate"])
+            ref = _num(m["output_norm_sq"])
+            out_layers[path] = {
+                "block": layer,
+                "kind": kind,
+                "in_features": int(shape[1]),
+                "out_features": int(shape[0]),
+                "rows": int(stats[kind + ".weight"].sample.shape[0]),
+                "act_metric": _num(m["act_metric"]),
+                "weight_metric": _num(m["weight_metric"]),
+                "act_norm_mean": _num(np.mean(m["act_norms"])),
+                "weight_norm_mean": _num(np.mean(m["weight_norms"])),
+                "layer_error": err,
+                "layer_error_estimate": est,
+                "output_norm_sq": ref,
+                "relative_error": _ratio(err, ref),
+                "relative_error_estimate": _ratio(est, ref),
+                "act_absmax_max": _num(amax.max()),
+            }
+            if path in detail_paths:
+                out_detail[path] = {
+                    "act_norms": [float(v) for v in np.asarray(m["act_norms"])],
+                    "weight_norms": [float(v) for v in np.asarray(m["weight_norms"])]}
         if bar is not None:
             bar.update(1)
-        if layer < max(blocks):
-            xs = [apply_block(block, cfg, layer, x) for x in xs]
     missing = [p for p in detail_paths if p not in out_detail]
     if missing and detail is not None:
         raise ValueError(f"variant {name!r}: detail layer(s) {missing} were not analyzed "
@@ -420,8 +411,7 @@ def analyze(variants: Mapping[str, tuple[Any, ModelConfig]], windows: np.ndarray
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum((max(blocks) + 1) if blocks else cfg.num_layers
-                    for _, cfg in variants.values())
+        total = sum(len(blocks) if blocks else cfg.num_layers for _, cfg in variants.values())
         bar = tqdm(total=total, desc="analyze", unit="block", leave=False)
     try:
         out = {}

@@ -45,8 +45,9 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if ops.capturing_inputs():  # calibration: record statistics of this layer's inputs
             xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-            gram = jnp.matmul(xf.T, xf, precision=jax.lax.Precision.HIGHEST)
-            self.sow(nnx.Intermediate, "input_gram", gram)
+            if ops.capture_gram():
+                gram = jnp.matmul(xf.T, xf, precision=jax.lax.Precision.HIGHEST)
+                self.sow(nnx.Intermediate, "input_gram", gram)
             self.sow(nnx.Intermediate, "input_absmax", jnp.abs(xf).max(axis=0))
             if stride := ops.capture_sample_stride():
                 self.sow(nnx.Intermediate, "input_sample", xf[::stride])

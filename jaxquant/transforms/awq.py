@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.algorithms.awq import apply_clip, awq_clip_search, awq_scale_search
-from jaxquant.calibration import apply_block, collect_inputs
+from jaxquant.calibration import float_block_inputs
 from jaxquant.formats.base import is_quantized
-from jaxquant.models import transformer
 from jaxquant.models.config import ModelConfig
 from jaxquant.params import flatten, unflatten
 from jaxquant.transforms.rotation import (
@@ -110,17 +109,13 @@ def awq(params: Params, cfg: ModelConfig, windows: np.ndarray, *, bits: int,
     bs = max(1, batch_size)
     kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, n_grid=n_grid,
               scale_dtype=scale_dtype)
-    xs = [transformer.embed(params, cfg, jnp.asarray(windows[i:i + bs], jnp.int32))
-          for i in range(0, len(windows), bs)]
     out = dict(flat)
-    bar = tqdm(range(cfg.num_layers), desc="awq", unit="block", disable=not progress,
+    walk = float_block_inputs(params, cfg, windows, batch_size=bs, sample_tokens=sample_tokens)
+    bar = tqdm(walk, total=cfg.num_layers, desc="awq", unit="block", disable=not progress,
                leave=False)
-    for layer in bar:
+    for layer, _, inputs in bar:
         pre = f"layers.{layer}."
-        block = unflatten({p[len(pre):]: v for p, v in flat.items() if p.startswith(pre)})
-        paths = sorted(p[len(pre):] for p in flat
-                       if p.startswith(pre) and p.endswith("proj.weight"))
-        inputs = collect_inputs(block, cfg, layer, xs, paths, sample_tokens=sample_tokens)
+        paths = sorted(inputs)
         samples: dict[str, jax.Array] = {}
         for p in paths:
             x = inputs[p].sample
@@ -162,6 +157,5 @@ def awq(params: Params, cfg: ModelConfig, windows: np.ndarray, *, bits: int,
                                           scale_dtype=scale_dtype)
                 out[pre + p] = apply_clip(w, max_abs, group_size)
         bar.set_postfix_str("alpha " + " ".join(alphas))
-        xs = [apply_block(block, cfg, layer, x) for x in xs]
     bar.close()
     return unflatten(out)

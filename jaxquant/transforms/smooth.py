@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.algorithms.act_quant import layer_error
-from jaxquant.calibration import apply_block, collect_inputs
-from jaxquant.models import transformer
+from jaxquant.calibration import float_block_inputs
 from jaxquant.models.config import ModelConfig
 from jaxquant.params import flatten, unflatten
 from jaxquant.transforms.hadamard import hadamard_transform
@@ -75,22 +74,15 @@ ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 
 def _block_walk(params: Params, cfg: ModelConfig, windows: np.ndarray, batch_size: int,
                 sample_tokens: int):
-    """Yields ``(layer, {path: LayerInputs})`` for every block of the float model."""
-    flat = flatten(params)
-    xs = [transformer.embed(params, cfg, jnp.asarray(windows[i:i + batch_size]))
-          for i in range(0, len(windows), batch_size)]
-    for layer in range(cfg.num_layers):
-        prefix = f"layers.{layer}."
-        block = unflatten({p[len(prefix):]: v for p, v in flat.items() if p.startswith(prefix)})
-        paths = sorted(p[len(prefix):] for p in flat
-                       if p.startswith(prefix) and p.endswith("proj.weight"))
-        stats = collect_inputs(block, cfg, layer, xs, paths, sample_tokens)
+    """Yields ``(layer, {layer path: LayerInputs})`` for every block of the float model."""
+    for layer, _, stats in float_block_inputs(params, cfg, windows, batch_size=batch_size,
+                                              sample_tokens=sample_tokens):
         for st in stats.values():
             if not bool(jnp.all(jnp.isfinite(st.absmax))):
                 raise TransformError(f"non-finite activations in block {layer}: check the "
                                      "weights and calibration text")
-        yield layer, {prefix + p.removesuffix(".weight"): st for p, st in stats.items()}
-        xs = [apply_block(block, cfg, layer, x) for x in xs]
+        yield layer, {f"layers.{layer}.{p.removesuffix('.weight')}": st
+                      for p, st in stats.items()}
 
 
 def activation_absmax(params: Params, cfg: ModelConfig, windows: np.ndarray, *,
@@ -179,8 +171,8 @@ def smoothing_scales(params: Params, cfg: ModelConfig, windows: np.ndarray, *,
         raise TransformError(f"unknown smoothing sites {sorted(unknown)} (known: {list(SITES)})")
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise TransformError(f"alpha must be in [0, 1], got {alpha}")
-    check_rotatable(flatten(params), cfg)
     flat = flatten(params)
+    check_rotatable(flat, cfg)
     grid = jnp.asarray(ALPHA_GRID, jnp.float32)
     scales: dict[str, jax.Array] = {}
     alphas: dict[str, float | None] = {}
