@@ -30,6 +30,7 @@ import json
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -71,13 +72,18 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def run_parity(args: argparse.Namespace) -> None:
+def _load(args: argparse.Namespace, eval_file: str) -> tuple[Any, Any, Any]:
+    """``(model, eval windows of eval_file, calibration windows)`` of the protocol."""
     model = jaxquant.load_model(args.model)
     wiki = Path(args.wiki_dir)
-    ids = tokenize(model.tokenizer, load_text(wiki / "wiki.test.raw", "wikitext"))
-    windows = make_windows(ids, 2048, args.eval_windows)
+    ids = tokenize(model.tokenizer, load_text(wiki / eval_file, "wikitext"))
     calib_ids = tokenize(model.tokenizer, load_text(wiki / "wiki.test.calib.raw", "wikitext"))
-    calib = sample_windows(calib_ids, 2048, args.calib_windows, seed=0)
+    return (model, make_windows(ids, 2048, args.eval_windows),
+            sample_windows(calib_ids, 2048, args.calib_windows, seed=0))
+
+
+def run_parity(args: argparse.Namespace) -> None:
+    model, windows, calib = _load(args, "wiki.test.raw")
     out = Path(args.out) / "act_quant_parity.jsonl"
     ref = None
     for name in ("none", "rotate", "smoothrot", "smoothrot-search"):
@@ -95,12 +101,7 @@ def run_parity(args: argparse.Namespace) -> None:
 
 
 def run_accuracy(args: argparse.Namespace) -> None:
-    model = jaxquant.load_model(args.model)
-    wiki = Path(args.wiki_dir)
-    eval_ids = tokenize(model.tokenizer, load_text(wiki / "wiki.test.eval.raw", "wikitext"))
-    windows = make_windows(eval_ids, 2048, args.eval_windows)
-    calib_ids = tokenize(model.tokenizer, load_text(wiki / "wiki.test.calib.raw", "wikitext"))
-    calib = sample_windows(calib_ids, 2048, args.calib_windows, seed=0)
+    model, windows, calib = _load(args, "wiki.test.eval.raw")
     out = Path(args.out) / "act_quant_accuracy.jsonl"
 
     def ppl(params, cfg) -> float:

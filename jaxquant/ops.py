@@ -94,17 +94,7 @@ def _act_quant_linear(x: jax.Array, w: Any, act: Any) -> jax.Array:
     ints = w.integer_codes() if hasattr(w, "integer_codes") else None
     if ints is not None and act.symmetric:
         codes, scale, _ = act_quant.quantize_activations(x, act)
-
-        def float_dot(codes, scale, w_codes, w_scale):
-            # On CUDA the int8 GEMM XLA emits (JAX 0.11.2, H100) returned wrong rows inside
-            # the model (isolated dots were exact): the same codes in float32 there.
-            w = w_codes.astype(jnp.float32) * w_scale[:, None]
-            return jnp.einsum("...i,oi->...o", codes.astype(jnp.float32) * scale, w,
-                              precision=jax.lax.Precision.HIGHEST)
-
-        y = jax.lax.platform_dependent(codes, scale, *ints, default=act_quant.int8_matmul,
-                                       cuda=float_dot)
-        return y.astype(x.dtype)
+        return act_quant.int8_matmul(codes, scale, *ints).astype(x.dtype)
     return linear(act_quant.fake_quant_activations(x, act), w)
 
 

@@ -18,7 +18,6 @@ from jaxquant.cli.main import main
 from jaxquant.errors import ConfigError
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.transformer import decode_step, forward, init_cache
-from jaxquant.params import flatten, unflatten
 from jaxquant.quantize import quantize
 from jaxquant.recipes import QuantSpec, Recipe
 from jaxquant.transforms.hadamard import hadamard_transform
@@ -26,16 +25,7 @@ from jaxquant.transforms.pipeline import TransformConfig, apply_transform
 from jaxquant.transforms.rotation import TransformError, fold_online
 from jaxquant.transforms.smooth import ALPHA_GRID, alpha_errors, smooth_scales
 from tests.test_cli_errors import assert_error, run
-from tests.test_rotation import _model, _seed
-
-
-def _outliers(params, cols=(3, 17), factor=30.0):
-    """Plants outlier channels in the residual stream, as real LLMs have."""
-    flat = flatten(params)
-    emb = np.asarray(flat["embed_tokens.weight"]).copy()
-    emb[:, list(cols)] *= factor
-    flat["embed_tokens.weight"] = jnp.asarray(emb)
-    return unflatten(flat)
+from tests.test_rotation import _model, _outliers, _seed
 
 
 @pytest.mark.parametrize("kind", ["smooth", "rotate", "smoothrot"])

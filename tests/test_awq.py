@@ -17,11 +17,11 @@ from jaxquant.algorithms.awq import (
     fake_quantize,
 )
 from jaxquant.algorithms.rtn import rtn
-from jaxquant.models.config import ModelConfig
-from jaxquant.models.transformer import forward, init_params
+from jaxquant.models.transformer import forward
 from jaxquant.params import flatten, unflatten
 from jaxquant.transforms.awq import awq
 from jaxquant.transforms.rotation import TransformError
+from tests.test_rotation import _model, _outliers
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "symmetric", "dequantize"))
@@ -183,21 +183,8 @@ def test_clip_search_matches_numpy_and_never_hurts(group_size):
 def _tiny(family: str, *, kv_heads: int, seed: int):
     """A 2-block random model (hidden 48, MLP 100: not multiples of the group size 32)
     with non-trivial norms and biases and outlier channels in the residual stream."""
-    hidden = 48
-    cfg = ModelConfig(family=family, vocab_size=97, hidden_size=hidden,
-                      intermediate_size=100, num_layers=2, num_heads=4,
-                      num_kv_heads=kv_heads, head_dim=hidden // 4, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False, qkv_bias=family == "qwen2",
-                      o_bias=family == "qwen2", qk_norm=family == "qwen3")
-    flat = flatten(init_params(cfg, seed=seed))
-    rng = np.random.default_rng(seed)
-    for path, leaf in flat.items():
-        if path.endswith("norm.weight") or path.endswith(".bias"):
-            flat[path] = jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-    emb = np.asarray(flat["embed_tokens.weight"]).copy()
-    emb[:, [5, 29]] *= 20.0
-    flat["embed_tokens.weight"] = jnp.asarray(emb)
-    return cfg, unflatten(flat)
+    cfg, params = _model(family, hidden=48, tie=False, seed=seed, kv_heads=kv_heads)
+    return cfg, _outliers(params, cols=(5, 29), factor=20.0)
 
 
 def _rel(a, b) -> float:

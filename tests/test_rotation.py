@@ -25,11 +25,11 @@ def _seed(*key) -> int:
     return zlib.crc32(repr(key).encode())
 
 
-def _model(family: str, *, hidden: int, tie: bool, seed: int):
+def _model(family: str, *, hidden: int, tie: bool, seed: int, kv_heads: int = 2):
     """A tiny random model whose norm scales and biases are not trivial."""
     cfg = ModelConfig(family=family, vocab_size=97, hidden_size=hidden,
                       intermediate_size=2 * hidden + 4, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-5,
+                      num_kv_heads=kv_heads, head_dim=hidden // 4, rms_norm_eps=1e-5,
                       tie_word_embeddings=tie, qkv_bias=family == "qwen2",
                       o_bias=family == "qwen2", qk_norm=family == "qwen3")
     flat = flatten(init_params(cfg, seed=seed))
@@ -38,6 +38,15 @@ def _model(family: str, *, hidden: int, tie: bool, seed: int):
         if path.endswith("norm.weight") or path.endswith(".bias"):
             flat[path] = jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
     return cfg, unflatten(flat)
+
+
+def _outliers(params, cols=(3, 17), factor=30.0):
+    """Plants outlier channels in the residual stream, as real LLMs have."""
+    flat = flatten(params)
+    emb = np.asarray(flat["embed_tokens.weight"]).copy()
+    emb[:, list(cols)] *= factor
+    flat["embed_tokens.weight"] = jnp.asarray(emb)
+    return unflatten(flat)
 
 
 # Hidden sizes 48 = 12 * 4 and 64 = 2^6 (Hadamard of both kinds).

@@ -252,8 +252,10 @@ def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
     """``y[..., o] = s_x[...] s_w[o] sum_k qx[..., k] qw[o, k]``, the int accumulation exact.
 
     One ``dot_general`` of int8 x int8 operands with an int32 result (an integer GEMM on
-    hardware that has one), then a float32 rescale. The int32 sum cannot overflow for
-    ``in < 2**31 / 127**2 = 133,144`` channels (narrow-range codes). Symmetric codes only:
+    hardware that has one), then a float32 rescale. On CUDA the codes are multiplied in
+    float32 instead (exact while the sums stay below 2**24), see the comment inside.
+    The int32 sum cannot overflow for ``in < 2**31 / 127**2 = 133,144`` channels
+    (narrow-range codes). Symmetric codes only:
     asymmetric activations would need the zero-point term ``- z_x sum_k qw[o, k]``.
 
     Args:
@@ -268,13 +270,24 @@ def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
     if x_codes.dtype != jnp.int8 or w_codes.dtype != jnp.int8:
         raise ValueError(f"int8_matmul needs int8 codes, got {x_codes.dtype} and "
                          f"{w_codes.dtype}")
-    acc = jax.lax.dot_general(x_codes, w_codes, (((x_codes.ndim - 1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.int32)
+    dims = (((x_codes.ndim - 1,), (1,)), ((), ()))
+
+    def int_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.int32
+                                   ).astype(jnp.float32)
+
+    def float_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+        # CUDA: the int8 GEMM XLA emits (JAX 0.11.2, H100) returned wrong rows inside a
+        # model (isolated dots were exact), so the same codes go through float32 there.
+        return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims,
+                                   precision=_HI)
+
+    acc = jax.lax.platform_dependent(x_codes, w_codes, default=int_dot, cuda=float_dot)
     xs = jnp.asarray(x_scale, jnp.float32)
     if xs.ndim == x_codes.ndim - 1 and xs.ndim > 0:
         xs = xs[..., None]
     ws = jnp.asarray(w_scale, jnp.float32).reshape(-1)
-    return acc.astype(jnp.float32) * xs * ws
+    return acc * xs * ws
 
 
 # --- diagnostics ------------------------------------------------------------------------

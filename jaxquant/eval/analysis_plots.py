@@ -18,8 +18,6 @@ Agg backend.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from jaxquant.eval.analysis import kind_order, split_path
+from jaxquant.eval.plots import save_png
 
 _SHORT = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj",
           "self_attn.v_proj": "v_proj", "self_attn.o_proj": "o_proj",
@@ -42,19 +41,14 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
-    """Saves ``fig`` as a PNG atomically and closes it."""
-    plt = _plt()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.absolute().parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def _by_kind_figure(report: Mapping[str, Any], rows: int, height: float
+                    ) -> tuple[dict[str, Any], list[str], list[dict[str, Any]], Any, Any]:
+    """``(variants, kinds, styles, fig, axes)``: one column of panels per layer kind."""
+    variants = _variants(report)
+    kinds = _kinds(variants)
+    fig, axes = _plt().subplots(rows, len(kinds), figsize=(3.0 * len(kinds) + 0.6, height),
+                                squeeze=False)
+    return variants, kinds, _styles(len(variants)), fig, axes
 
 
 def _variants(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,7 +153,7 @@ def plot_channel_magnitudes(report: Mapping[str, Any], out_dir: str | Path, *,
                     ax.set_ylabel(f"{label} channel norm $c_j$")
         fig.suptitle(f"{path}: per-channel norms", fontsize=11)
         fig.tight_layout()
-        written.append(_save(fig, out / f"channels_{path}.png"))
+        written.append(save_png(fig, out / f"channels_{path}.png"))
     return written
 
 
@@ -194,12 +188,7 @@ def plot_metric_across_layers(report: Mapping[str, Any], out_dir: str | Path) ->
     Returns:
       The written file.
     """
-    plt = _plt()
-    variants = _variants(report)
-    kinds = _kinds(variants)
-    styles = _styles(len(variants))
-    fig, axes = plt.subplots(2, len(kinds), figsize=(3.0 * len(kinds) + 0.6, 6.0),
-                             squeeze=False)
+    variants, kinds, styles, fig, axes = _by_kind_figure(report, 2, 6.0)
     for col, kind in enumerate(kinds):
         for r, (key, label) in enumerate((("act_metric", "input"),
                                           ("weight_metric", "weight"))):
@@ -220,7 +209,7 @@ def plot_metric_across_layers(report: Mapping[str, Any], out_dir: str | Path) ->
                  + (f", {settings['tokens']} tokens" if "tokens" in settings else ""),
                  fontsize=11)
     fig.tight_layout()
-    return _save(fig, _out_dir(out_dir) / "metric_across_layers.png")
+    return save_png(fig, _out_dir(out_dir) / "metric_across_layers.png")
 
 
 def plot_layer_error_across_layers(report: Mapping[str, Any], out_dir: str | Path) -> Path:
@@ -236,12 +225,7 @@ def plot_layer_error_across_layers(report: Mapping[str, Any], out_dir: str | Pat
     Returns:
       The written file.
     """
-    plt = _plt()
-    variants = _variants(report)
-    kinds = _kinds(variants)
-    styles = _styles(len(variants))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.0 * len(kinds) + 0.6, 3.8),
-                             squeeze=False)
+    variants, kinds, styles, fig, axes = _by_kind_figure(report, 1, 3.8)
     measured = {k: _series(variants, k, "relative_error") for k in kinds}
     estimated = {k: _series(variants, k, "relative_error_estimate") for k in kinds}
     for col, kind in enumerate(kinds):
@@ -266,7 +250,7 @@ def plot_layer_error_across_layers(report: Mapping[str, Any], out_dir: str | Pat
     fig.suptitle("relative layer error by block, measured (solid) vs estimate (dashed)" + bits,
                  fontsize=11)
     fig.tight_layout()
-    return _save(fig, _out_dir(out_dir) / "layer_error_across_layers.png")
+    return save_png(fig, _out_dir(out_dir) / "layer_error_across_layers.png")
 
 
 def plot_all(report: Mapping[str, Any], out_dir: str | Path) -> list[Path]:

@@ -79,11 +79,18 @@ def plot_bit_allocation(qparams: Any, path: str | Path, *, title: str = "") -> P
     fig.colorbar(im, ax=axes[0].tolist(), ticks=levels, label="bits", fraction=0.02)
     if title:
         fig.suptitle(title)
+    return save_png(fig, path, dpi=110)
+
+
+def save_png(fig: Any, path: str | Path, *, dpi: int = 100) -> Path:
+    """Writes a matplotlib figure as a PNG atomically (temp file renamed) and closes it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.absolute().parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

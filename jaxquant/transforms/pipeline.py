@@ -29,6 +29,8 @@ import jax
 import numpy as np
 
 from jaxquant.models.config import ModelConfig
+from jaxquant.params import flatten
+from jaxquant.transforms.hadamard import hadamard_factorization
 from jaxquant.transforms.rotation import (
     TransformError,
     check_online_sizes,
@@ -83,14 +85,10 @@ def check_transform(params: Params, cfg: ModelConfig, tcfg: TransformConfig) -> 
     """Raises :class:`TransformError` before any work if ``tcfg`` cannot apply."""
     if tcfg.kind == "none":
         return
-    from jaxquant.params import flatten
-
     check_rotatable(flatten(params), cfg)
     if cfg.online_hadamard:
         raise TransformError("these weights are already rotated (online Hadamards folded)")
     if tcfg.rotates:
-        from jaxquant.transforms.hadamard import hadamard_factorization
-
         try:
             hadamard_factorization(cfg.hidden_size)
         except ValueError as e:
