@@ -218,6 +218,24 @@ def test_cli_transform_alone_and_w4a4kv4_checkpoint(tiny_hf_dir, tmp_path, capsy
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
+def test_cli_awq(tiny_hf_dir, tmp_path, capsys):
+    from tests.test_cli_errors import _with_word_tokenizer
+
+    src = _with_word_tokenizer(tiny_hf_dir, tmp_path / "src", 97)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{i % 90}" for i in range(600)))
+    report = tmp_path / "awq.json"
+    assert main(["quantize", "--model", str(src), "--method", "awq", "--bits", "3",
+                 "--group-size", "16", "--calib", str(calib), "--calib-windows", "2",
+                 "--calib-seq-len", "32", "--json", str(report), "--quiet"]) == 0, \
+        capsys.readouterr().err
+    r = json.loads(report.read_text())
+    assert r["method"] == "awq" and r["label"].startswith("awq+rtn 3-bit")
+    assert r["quantized_layers"] == 21 and 5.0 < r["avg_bits"] < 5.5  # + bf16 scale, zero / 16
+    code, err = run(["quantize", "--model", tiny_hf_dir, "--method", "awq"], capsys)
+    assert_error(code, err, "--method awq needs calibration text")
+
+
 def test_cli_activation_errors(tiny_hf_dir, capsys):
     code, err = run(["quantize", "--model", tiny_hf_dir, "--method", "none", "--bits", "4",
                      "--transform", "rotate"], capsys)

@@ -256,6 +256,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import time
 
     import jax
+    import jax.numpy as jnp
 
     from jaxquant.calibration import Calibration
     from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
@@ -319,9 +320,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from jaxquant.transforms.awq import awq
 
         params = awq(params, cfg, windows, bits=spec.bits, group_size=spec.group_size,
-                     symmetric=spec.symmetric, batch_size=args.calib_batch_size,
-                     progress=not args.quiet)
-    stats: dict[str, Any] = {"seconds": 0.0, "layers": {}}
+                     symmetric=spec.symmetric, scale_dtype=jnp.dtype(spec.scale_dtype),
+                     batch_size=args.calib_batch_size, progress=not args.quiet)
+    prep_seconds = time.perf_counter() - start  # transforms and AWQ: calibration work too
+    stats: dict[str, Any] = {}
     qparams = params
     if recipe is not None:
         calibration = None
@@ -353,8 +355,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         summary["calibration"] = {"data": str(args.calib), "windows": args.calib_windows,
                                   "seq_len": args.calib_seq_len, "seed": args.calib_seed,
                                   "true_sequential": args.true_sequential,
-                                  "seconds": stats["seconds"]}
-        for path, st in stats["layers"].items():
+                                  "seconds": prep_seconds + stats.get("seconds", 0.0)}
+        for path, st in stats.get("layers", {}).items():
             summary["layers"][path].update({f"calibration_{k}": v for k, v in st.items()})
         if "blocks" in stats:
             summary["calibration"]["blocks"] = {str(k): v for k, v in stats["blocks"].items()}
