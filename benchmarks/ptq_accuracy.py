@@ -1,4 +1,4 @@
-"""RTN, GPTQ, SliM-LLM and SliM-LLM+ on SmolLM2-135M, accuracy protocols of MISSION.md.
+"""RTN, AWQ, GPTQ, SliM-LLM, SliM-LLM+ and CLAQ on SmolLM2-135M, accuracy protocols of MISSION.md.
 
 Calibration: 128 random 2048-token windows, seed 0 (GPTQ reference sampling), of
 ``wiki.test.calib.raw`` (in-domain) or of the Austen novels (cross-domain);
@@ -28,10 +28,12 @@ import traceback
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 import jaxquant
 from jaxquant.calibration import Calibration
 from jaxquant.data import load_text, make_windows, sample_windows, tokenize
+from jaxquant.transforms.awq import awq
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -39,6 +41,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: label -> QuantSpec keyword arguments
 METHODS = {
     "rtn": {"method": "rtn"},
+    # AWQ's activation-aware scales and clipping (searched on the calibration windows),
+    # then RTN: the weight-only baseline.
+    "awq": {"method": "rtn"},
     "gptq": {"method": "gptq"},
     "gptq-act": {"method": "gptq", "act_order": True},
     "slim": {"method": "slim"},
@@ -112,8 +117,14 @@ def run_protocol(args: argparse.Namespace) -> None:
                 spec = jaxquant.QuantSpec(**kw)
                 t = time.perf_counter()
                 try:
-                    q, stats = jaxquant.quantize(model.params, jaxquant.Recipe.uniform(spec),
-                                                 None if name == "rtn" else calibration,
+                    params = model.params
+                    if name == "awq":
+                        params = awq(params, model.config, calibration.windows, bits=bits,
+                                     group_size=spec.group_size, symmetric=spec.symmetric,
+                                     scale_dtype=jnp.dtype(spec.scale_dtype),
+                                     batch_size=args.batch_size)
+                    q, stats = jaxquant.quantize(params, jaxquant.Recipe.uniform(spec),
+                                                 None if spec.method == "rtn" else calibration,
                                                  return_stats=True)
                     q = jax.block_until_ready(q)
                 except Exception:  # keep going: one failing row must not lose the rest
@@ -122,7 +133,8 @@ def run_protocol(args: argparse.Namespace) -> None:
                 seconds = time.perf_counter() - t
                 report = jaxquant.quantization_report(model.params, q)
                 errs = [v["relative_error"] for v in stats.get("layers", {}).values()]
-                label = spec.describe() + (f" lambda={lam:g}" if lam is not None else "")
+                label = (("awq+" if name == "awq" else "") + spec.describe()
+                         + (f" lambda={lam:g}" if lam is not None else ""))
                 row = {"label": label, "method": name, "bits": bits,
                        "avg_bits": report["avg_bits"], "ppl": ppl(q, windows),
                        "calib_ppl": ppl(q, calib_eval), "seconds": seconds,
@@ -166,14 +178,15 @@ def write_table(args: argparse.Namespace) -> None:
                  and r["bits"] == bits]
         return cands[-1] if cands else None
 
-    md = ["# Weight-only PTQ of SmolLM2-135M: RTN, GPTQ, SliM-LLM, SliM-LLM+ (group 128)", "",
+    md = ["# Weight-only PTQ of SmolLM2-135M: RTN, AWQ, GPTQ, SliM-LLM, SliM-LLM+ (group 128)", "",
           "WikiText-2 perplexity on `wiki.test.eval.raw` (72 windows of 2048). Calibration: "
           "128 x 2048 tokens, seed 0, of `wiki.test.calib.raw` (in-domain) or the Austen "
           "novels (cross-domain). Asymmetric, bf16 scales and zeros; bits/weight counts "
           "everything stored (codes, scales, zeros, permutations). `ref.` columns: the "
           "authors' code (IST-DASLab/gptq, Aaronhuang-778/SliM-LLM) run on the same model, "
           "tokens and protocol (scratch, not committed).", ""]
-    labels = [("rtn", "RTN"), ("gptq", "GPTQ"), ("gptq-act", "GPTQ act-order"),
+    labels = [("rtn", "RTN"), ("awq", "AWQ (+RTN)"), ("gptq", "GPTQ"),
+              ("gptq-act", "GPTQ act-order"),
               ("slim", "SliM-LLM"), ("slim-act", "SliM-LLM act-order"),
               ("slim+", "SliM-LLM+"), ("slim+-act", "SliM-LLM+ act-order")]
     for proto in ("in-domain", "cross-domain"):
