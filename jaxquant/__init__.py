@@ -9,8 +9,13 @@ The public API::
         jaxquant.QuantSpec(bits=4, group_size=128)))
     jaxquant.save_checkpoint("out", config=model.config, params=qparams,
                              tokenizer=model.tokenizer)
+    # activation quantization: a transform, then quantized activations in the forward
+    params, cfg, info = jaxquant.apply_transform(
+        model.params, model.config, jaxquant.TransformConfig(kind="smoothrot"), windows)
+    cfg = dataclasses.replace(cfg, act_quant=jaxquant.ActQuantConfig(bits=4, clip_ratio=0.9))
 """
 
+from jaxquant.algorithms.act_quant import ActQuantConfig
 from jaxquant.checkpoints.jq_checkpoint import load_checkpoint, save_checkpoint
 from jaxquant.checkpoints.load import Model, load_model
 from jaxquant.data import load_text, make_windows, sample_windows, tokenize
@@ -36,10 +41,12 @@ from jaxquant.models import (
 from jaxquant.ops import linear, register_linear
 from jaxquant.quantize import quantization_report, quantize
 from jaxquant.recipes import QuantSpec, Recipe, RecipeError, Rule
+from jaxquant.transforms.pipeline import TransformConfig, apply_transform
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActQuantConfig",
     "CausalLM",
     "CheckpointError",
     "CodebookWeight",
@@ -56,7 +63,9 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Rule",
+    "TransformConfig",
     "UniformWeight",
+    "apply_transform",
     "decode_step",
     "evaluate_perplexity",
     "forward",
