@@ -1,0 +1,113 @@
+"""TPU Pallas kernels, verified without a TPU: the Pallas TPU interpreter (races and
+uninitialized reads checked) against the jnp reference, and Mosaic lowering for TPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxquant.algorithms.rtn import rtn
+from jaxquant.formats import UniformWeight
+from pallas_kernels.compat import tpu_races_found
+from pallas_kernels.tpu import uniform as tu
+from tests.test_rotation import _seed
+
+
+def _weight(rng: np.random.Generator, n: int, k: int, bits: int, group_size: int | None,
+            symmetric: bool) -> UniformWeight:
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    w[:, rng.integers(0, k)] *= 8.0  # an outlier column: scales differ along K
+    return rtn(jnp.asarray(w), bits=bits, group_size=group_size, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_relayout_round_trips_every_width_and_grouping(bits):
+    rng = np.random.default_rng(_seed("tpu relayout", bits))
+    for group_size, symmetric in ((32, False), (128, bits > 1), (None, bits > 1)):
+        w = _weight(rng, 131, 300, bits, group_size, symmetric)
+        tw = tu.relayout(w)
+        np.testing.assert_array_equal(np.asarray(tw.dequantize()), np.asarray(w.dequantize()))
+        n_pad, k_pad = tw.padded
+        assert n_pad % tw.bn == 0 and k_pad % tw.bk == 0
+        assert tw.bk % tw.kg == 0 or tw.kg == k_pad
+        assert sum(p.size for p in tw.planes) * 32 == n_pad * k_pad * bits
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,lead,dtype,blocks", [
+    (4, 128, False, (1,), jnp.float32, None),  # decode; 4 scale rows per tile: sliced
+    (3, 64, True, (3, 5), jnp.float32, None),  # 8 scale rows per tile: blocked spec
+    (2, None, False, (19,), jnp.float32, None),  # per output channel
+    (8, 128, True, (2, 3), jnp.bfloat16, None),
+    (4, 32, False, (300,), jnp.float32, (128, 256)),  # 2 M tiles, 3 N tiles, 3 K tiles
+])
+def test_uniform_kernel_matches_reference_interpreted(bits, group_size, symmetric, lead,
+                                                      dtype, blocks):
+    rng = np.random.default_rng(_seed("tpu kernel", bits, group_size, lead))
+    n, k = (300, 700) if blocks else (200, 576)
+    w = _weight(rng, n, k, bits, group_size, symmetric)
+    tw = tu.relayout(w, blocks=blocks)
+    x = jnp.asarray(rng.normal(size=(*lead, k)), dtype)
+    y = tu.uniform_matmul(x, tw, interpret=True)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    assert tpu_races_found() is False  # the interpreter ran its race detector
+    ref = np.asarray(tu.reference(x, w))
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+    else:  # bf16 inputs and output, float32 accumulation
+        err = np.abs(np.asarray(y, np.float32) - ref)
+        assert err.max() < 2e-2 * np.abs(ref).max()
+
+
+def test_nan_rows_stay_nan_and_others_exact():
+    rng = np.random.default_rng(_seed("tpu nan"))
+    w = _weight(rng, 130, 260, 4, 128, False)
+    x = np.asarray(rng.normal(size=(4, 260)), np.float32)
+    x[2, 7] = np.nan
+    y = np.asarray(tu.uniform_matmul(jnp.asarray(x), tu.relayout(w), interpret=True))
+    assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, 0)).all()
+    ref = np.asarray(tu.reference(jnp.asarray(x), w))
+    np.testing.assert_allclose(np.delete(y, 2, 0), np.delete(ref, 2, 0), rtol=1e-5,
+                               atol=1e-3)
+
+
+def test_eligibility_and_bad_blocks():
+    rng = np.random.default_rng(_seed("tpu eligible"))
+    odd = _weight(rng, 16, 48, 4, 12, False)
+    assert "multiple of 8" in tu.eligible(odd)
+    with pytest.raises(ValueError, match="cannot take this weight"):
+        tu.relayout(odd)
+    assert "not a UniformWeight" in tu.eligible(jnp.zeros((4, 4)))
+    ok = _weight(rng, 16, 48, 4, 16, False)
+    assert tu.eligible(ok) is None
+    with pytest.raises(ValueError, match="multiple of 128"):
+        tu.relayout(ok, blocks=(100, 256))
+
+
+def test_block_table_fits_vmem_and_tiling():
+    for gen in (*tu._NK_BLOCKS, None, "v99"):
+        for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (200, 576)):
+            bn, bk = tu.block_sizes(n, k, gen)
+            assert bn % 128 == 0 and bk % 256 == 0
+            for bits in (2, 3, 4, 8):
+                assert tu.vmem_bytes(256, bn, bk, bits, 2) < tu._VMEM_CAP // 2
+    assert tu.block_sizes(4096, 4096, "v99") == tu._FALLBACK_NK
+
+
+# Mosaic lowering of every configuration: a kernel that would not compile for a TPU
+# (block shapes off the (8, 128) tiling, unsupported ops) fails here.
+_LOWER = ([(b, 128, b % 2 == 0, 1, jnp.bfloat16) for b in range(1, 9)]
+          + [(4, g, s, 1, dt) for g in (64, None) for s in (True, False)
+             for dt in (jnp.bfloat16, jnp.float32)]
+          + [(3, 128, False, m, jnp.bfloat16) for m in (16, 64, 512, 2048)])
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,m,dtype", _LOWER)
+def test_uniform_kernel_lowers_for_tpu(bits, group_size, symmetric, m, dtype):
+    rng = np.random.default_rng(_seed("tpu lower", bits, group_size, m))
+    tw = tu.relayout(_weight(rng, 256, 1024, bits, group_size, symmetric), generation="v5e")
+    x = jax.ShapeDtypeStruct((m, 1024), dtype)
+    text = jax.jit(tu.uniform_matmul).trace(x, tw).lower(
+        lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text
