@@ -111,3 +111,58 @@ def test_uniform_kernel_lowers_for_tpu(bits, group_size, symmetric, m, dtype):
     text = jax.jit(tu.uniform_matmul).trace(x, tw).lower(
         lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
+
+
+# --- integration: the forward dispatches prepared weights to the kernel -----------------
+
+def _quantized_model(**spec):
+    from jaxquant.quantize import quantize
+    from jaxquant.recipes import QuantSpec, Recipe
+    from tests.test_rotation import _model
+
+    cfg, params = _model("qwen2", hidden=48, tie=False, seed=5)
+    recipe = Recipe.uniform(QuantSpec(**spec), pattern=r".*_proj\.weight|lm_head\.weight")
+    return cfg, params, quantize(params, recipe)
+
+
+def test_prepared_model_runs_the_kernel_in_the_forward(monkeypatch, tmp_path):
+    from jaxquant.backends import is_prepared, prepare
+    from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
+    from jaxquant.errors import CheckpointError
+    from jaxquant.models.transformer import forward
+    from jaxquant.params import flatten
+
+    cfg, _, q = _quantized_model(bits=3, group_size=16)
+    assert prepare(q, cfg) is q  # CPU: no kernels, params untouched
+    assert prepare(q, cfg, backend="tpu", kernels=False) is q  # the override
+    monkeypatch.setenv("JAXQUANT_KERNELS", "0")
+    assert prepare(q, cfg, backend="tpu") is q
+    monkeypatch.delenv("JAXQUANT_KERNELS")
+    tq = prepare(q, cfg, backend="tpu")
+    kinds = {p: type(v).__name__ for p, v in flatten(tq).items()}
+    assert kinds["layers.1.mlp.down_proj.weight"] == "TpuUniformWeight"
+    assert kinds["lm_head.weight"] == "TpuUniformWeight"
+    assert kinds["embed_tokens.weight"] == "ArrayImpl" and is_prepared(tq)
+    tokens = jnp.asarray(np.random.default_rng(_seed("tpu fwd")).integers(0, 97, (2, 11)))
+    fwd = jax.jit(forward, static_argnums=1)
+    want = np.asarray(fwd(q, cfg, tokens))
+    got = np.asarray(fwd(tq, cfg, tokens))  # interpreted Mosaic kernels on CPU
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    with pytest.raises(CheckpointError, match="kernel layout"):
+        save_checkpoint(tmp_path / "ck", config=cfg, params=tq)
+
+
+def test_integer_dot_weights_stay_with_symmetric_activation_quantization():
+    import dataclasses
+
+    from jaxquant.algorithms.act_quant import ActQuantConfig
+    from jaxquant.backends import prepare
+    from jaxquant.params import flatten
+
+    cfg, _, q = _quantized_model(bits=8, group_size=None, symmetric=True)
+    w8a8 = dataclasses.replace(cfg, act_quant=ActQuantConfig(bits=8))
+    kept = prepare(q, w8a8, backend="tpu")
+    assert all(type(v).__name__ != "TpuUniformWeight" for v in flatten(kept).values())
+    moved = prepare(q, cfg, backend="tpu")  # no activation quantization: the kernel
+    assert type(flatten(moved)["layers.0.self_attn.q_proj.weight"]).__name__ == \
+        "TpuUniformWeight"

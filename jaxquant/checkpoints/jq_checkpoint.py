@@ -123,7 +123,17 @@ def save_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
-    """Writes a jaxquant checkpoint to ``out`` atomically; returns its path."""
+    """Writes a jaxquant checkpoint to ``out`` atomically; returns its path.
+
+    Raises:
+      CheckpointError: ``params`` hold weights in a backend kernel layout
+        (:func:`jaxquant.backends.prepare`): checkpoints store the formats themselves.
+    """
+    for p, leaf in iter_paths(params):
+        if type(leaf).__module__.startswith("pallas_kernels."):
+            raise CheckpointError(
+                f"{p} is in a kernel layout ({type(leaf).__name__}); save the parameters "
+                "from quantize() or load_model(..., kernels=False), not prepared ones")
     with atomic_output_dir(out, force=force) as tmp:
         ckptr = _checkpointer()
         ckptr.save(tmp / "params", args=_save_args(_str_keys(params)))

@@ -89,8 +89,12 @@ def open_source(spec: str | Path) -> CheckpointSource:
     return read_hf_dir(path)
 
 
-def load_model(spec: str | Path, *, dtype: str = "float32") -> Model:
+def load_model(spec: str | Path, *, dtype: str = "float32", kernels: bool = True) -> Model:
     """Loads ``spec`` (see module docstring) with parameters of ``dtype``.
+
+    A quantized jaxquant checkpoint's weights are re-laid out for the backend's Pallas
+    kernels when there are any (:func:`jaxquant.backends.prepare`); ``kernels=False``
+    keeps the formats (the jnp path, and what ``quantize``/``convert`` need).
 
     Raises:
       JaxquantError: the model cannot be found, read, or is not supported.
@@ -99,8 +103,10 @@ def load_model(spec: str | Path, *, dtype: str = "float32") -> Model:
         raise JaxquantError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
     path = Path(spec)
     if str(spec) not in EMBEDDED and path.is_dir() and jq_checkpoint.is_checkpoint(path):
+        from jaxquant.backends import prepare
+
         config, params, tokenizer, _ = jq_checkpoint.load_checkpoint(path)
-        params = _cast(params, DTYPES[dtype])
+        params = prepare(_cast(params, DTYPES[dtype]), config, kernels=kernels)
         return Model(
             config=config,
             params=params,

@@ -83,6 +83,12 @@ def _add_model(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
                    help="parameter and compute dtype (default: float32)")
 
 
+def _add_no_kernels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-kernels", action="store_true",
+                   help="run quantized layers on the jnp path, not the backend's Pallas "
+                        "kernels (also: JAXQUANT_KERNELS=0)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of MODEL on a text (WikiText protocol of MISSION.md)."""
     import jax
@@ -93,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         check_output(args.json, force=args.force)
     text = _eval_text(args)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, kernels=not args.no_kernels)
     windows = _windows(text, model.tokenizer, model.config.vocab_size, args)
     result = _perplexity(model.params, model.config, windows, args, f"{args.model} ({args.dtype})")
     report = {
@@ -118,7 +124,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     resolve(args.model)
     out = check_output(args.out, force=args.force)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, kernels=False)
     save_checkpoint(out, config=model.config, params=model.params, tokenizer=model.tokenizer,
                     metadata={"source": model.source, "source_format": model.source_format},
                     force=args.force)
@@ -258,6 +264,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
+    from jaxquant.backends import prepare
     from jaxquant.calibration import Calibration
     from jaxquant.checkpoints.jq_checkpoint import save_checkpoint
     from jaxquant.checkpoints.load import load_model, resolve
@@ -298,7 +305,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             print(f"warning: calibrating on the evaluation text ({args.calib}): the "
                   "perplexity will be optimistic (calibrate on kjv-nt and evaluate on "
                   "kjv-ot, or on disjoint files)", file=sys.stderr)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, kernels=False)
     check_transform(model.params, model.config, tcfg)
     specs, unused = recipe.plan(_paths(model.params)) if recipe else ({}, [])
     if recipe is not None and not specs:
@@ -386,7 +393,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rows = []
         for row_label, params, row_cfg, bits, size in (
                 (args.dtype, model.params, model.config, float_bits, report["float_bytes"]),
-                (label, qparams, cfg, report["avg_bits"], report["quantized_bytes"])):
+                (label, prepare(qparams, cfg, kernels=not args.no_kernels), cfg,
+                 report["avg_bits"], report["quantized_bytes"])):
             res = _perplexity(params, row_cfg, windows, args, row_label)
             rows.append({"model": row_label, "bits_per_weight": bits, "bytes": size,
                          "ppl": res.ppl, "windows": res.windows, "tokens": res.tokens,
@@ -420,7 +428,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     kinds = list(dict.fromkeys(args.transform or ["none", "smooth", "rotate", "smoothrot"]))
     tcfgs = {k: TransformConfig(kind=k, alpha=args.alpha) for k in kinds}
     calib = load_text(args.calib, args.calib_format)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, kernels=False)
     for tcfg in tcfgs.values():
         check_transform(model.params, model.config, tcfg)
     ids = tokenize(model.tokenizer, calib)
@@ -461,7 +469,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from jaxquant.generate import greedy_generate
 
     resolve(args.model)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, kernels=not args.no_kernels)
     prompt = tokenize(model.tokenizer, args.prompt)
     if prompt.size == 0:
         raise DataError("the prompt is empty after tokenization")
@@ -513,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write a JSON report here")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_no_kernels(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="convert a checkpoint to a jaxquant checkpoint",
@@ -625,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive)
     p.add_argument("--batch-size", type=_positive, default=1)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_no_kernels(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("analyze", help="quantization difficulty per layer and transform, "
@@ -662,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=_positive, default=32)
+    _add_no_kernels(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="architecture, parameter count and bytes of a model",

@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxquant.formats import packing
 from jaxquant.formats.uniform import UniformWeight
+from jaxquant.ops import register_linear
 from pallas_kernels.compat import pl, pltpu, tpu_compiler_params, tpu_interpret
 
 #: (bn, bk) per TPU generation: output lanes per tile, input rows per tile. bk is a
@@ -285,6 +286,15 @@ def uniform_matmul(x: jax.Array, w: TpuUniformWeight, *, interpret: bool | Any =
         interpret=tpu_interpret(interpret),
     )(*operands)
     return out[:m, :n].reshape(*lead, n)
+
+
+def linear(x: jax.Array, w: TpuUniformWeight) -> jax.Array:
+    """:func:`jaxquant.ops.linear` for kernel-layout weights: the kernel on a TPU, the
+    Pallas TPU interpreter elsewhere (weights prepared for a TPU, e.g. in tests)."""
+    return uniform_matmul(x, w, interpret=jax.default_backend() != "tpu")
+
+
+register_linear(TpuUniformWeight, linear)
 
 
 def reference(x: jax.Array, w: UniformWeight) -> jax.Array:

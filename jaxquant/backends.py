@@ -1,0 +1,82 @@
+"""Pallas kernels in the quantized forward: weights re-laid out once for a backend.
+
+:func:`prepare` converts every quantized weight that a kernel of the backend can take
+into that kernel's layout (once, at load or quantize time); :func:`jaxquant.ops.linear`
+then dispatches those weights to the kernel by type. Weights no kernel takes keep
+their format and the ``jnp`` path. ``prepare(..., kernels=False)`` (CLI
+``--no-kernels``, or the environment variable ``JAXQUANT_KERNELS=0``) is the override
+that forces the ``jnp`` path everywhere.
+
+Backends with kernels: TPU (:mod:`pallas_kernels.tpu`: uniform 1..8-bit weights). On
+other backends :func:`prepare` returns the parameters unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from jaxquant.models.config import ModelConfig
+from jaxquant.params import flatten, unflatten
+from jaxquant.recipes import BLOCK_LINEARS
+
+Params = Mapping[Any, Any]
+#: Backends :func:`prepare` has kernels for.
+KERNEL_BACKENDS = ("tpu",)
+_LINEAR_PATH = re.compile(rf"{BLOCK_LINEARS}|lm_head\.weight")
+
+
+def kernels_enabled() -> bool:
+    """False when the environment says ``JAXQUANT_KERNELS=0`` (force the jnp path)."""
+    return os.environ.get("JAXQUANT_KERNELS", "1").strip().lower() not in ("0", "false", "no")
+
+
+def prepare(params: Params, cfg: ModelConfig | None = None, *, backend: str | None = None,
+            kernels: bool = True) -> Params:
+    """``params`` with each kernel-eligible quantized weight in its kernel's layout.
+
+    Args:
+      params: Model parameters (quantized weights as :mod:`jaxquant.formats` types).
+        Only linear layers are converted (block linears and ``lm_head``), never the
+        token embedding, which is read by lookup.
+      cfg: The model config: with symmetric activation quantization, weights that take
+        the integer dot (symmetric per-channel, ``integer_codes()``) keep their format.
+      backend: ``"tpu"``, ``"gpu"``, ``"cpu"``; default: JAX's default backend. A
+        backend without kernels returns ``params`` unchanged. Passing ``"tpu"`` on
+        another machine runs the kernels in the Pallas TPU interpreter (for tests).
+      kernels: ``False`` returns ``params`` unchanged (the jnp path), as does the
+        environment variable ``JAXQUANT_KERNELS=0``.
+
+    Returns:
+      The same tree; converted weights are kernel-layout types, which the forward
+      dispatches to their kernels. Checkpoints are written from unprepared params.
+    """
+    backend = backend or jax.default_backend()
+    if not kernels or not kernels_enabled() or backend not in KERNEL_BACKENDS:
+        return params
+    from pallas_kernels.tpu import uniform as tpu_uniform  # registers its linear
+
+    act = getattr(cfg, "act_quant", None)
+    int_dot = act is not None and act.symmetric
+    flat = flatten(params)
+    changed = False
+    for path, leaf in flat.items():
+        if not _LINEAR_PATH.fullmatch(path):
+            continue
+        if int_dot and getattr(leaf, "integer_codes", lambda: None)() is not None:
+            continue
+        if tpu_uniform.eligible(leaf) is None:
+            flat[path] = tpu_uniform.relayout(leaf)
+            changed = True
+    return unflatten(flat) if changed else params
+
+
+def is_prepared(params: Params) -> bool:
+    """True when some weight of ``params`` is in a kernel layout."""
+    from pallas_kernels.tpu.uniform import TpuUniformWeight
+
+    return any(isinstance(leaf, TpuUniformWeight) for _, leaf in flatten(params).items())
