@@ -7,8 +7,9 @@ their format and the ``jnp`` path. ``prepare(..., kernels=False)`` (CLI
 ``--no-kernels``, or the environment variable ``JAXQUANT_KERNELS=0``) is the override
 that forces the ``jnp`` path everywhere.
 
-Backends with kernels: TPU (:mod:`pallas_kernels.tpu`: uniform 1..8-bit weights). On
-other backends :func:`prepare` returns the parameters unchanged.
+Backends with kernels: TPU (:mod:`pallas_kernels.tpu`: uniform 1..8-bit weights with
+group scales, per-column codebooks up to 6 bits). On other backends :func:`prepare`
+returns the parameters unchanged.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from jaxquant.params import flatten, unflatten
 from jaxquant.recipes import BLOCK_LINEARS
 
 Params = Mapping[Any, Any]
+#: Kernel modules per backend, tried in order; each has ``eligible`` and ``relayout``.
+_KERNEL_MODULES = {
+    "tpu": ("pallas_kernels.tpu.uniform", "pallas_kernels.tpu.codebook"),
+}
 #: Backends :func:`prepare` has kernels for.
-KERNEL_BACKENDS = ("tpu",)
+KERNEL_BACKENDS = tuple(_KERNEL_MODULES)
 _LINEAR_PATH = re.compile(rf"{BLOCK_LINEARS}|lm_head\.weight")
 
 
@@ -58,7 +63,10 @@ def prepare(params: Params, cfg: ModelConfig | None = None, *, backend: str | No
     backend = backend or jax.default_backend()
     if not kernels or not kernels_enabled() or backend not in KERNEL_BACKENDS:
         return params
-    from pallas_kernels.tpu import uniform as tpu_uniform  # registers its linear
+    import importlib
+
+    # Each kernel module registers its linear with jaxquant.ops on import.
+    modules = [importlib.import_module(name) for name in _KERNEL_MODULES[backend]]
 
     act = getattr(cfg, "act_quant", None)
     int_dot = act is not None and act.symmetric
@@ -69,14 +77,15 @@ def prepare(params: Params, cfg: ModelConfig | None = None, *, backend: str | No
             continue
         if int_dot and getattr(leaf, "integer_codes", lambda: None)() is not None:
             continue
-        if tpu_uniform.eligible(leaf) is None:
-            flat[path] = tpu_uniform.relayout(leaf)
-            changed = True
+        for module in modules:
+            if module.eligible(leaf) is None:
+                flat[path] = module.relayout(leaf)
+                changed = True
+                break
     return unflatten(flat) if changed else params
 
 
 def is_prepared(params: Params) -> bool:
     """True when some weight of ``params`` is in a kernel layout."""
-    from pallas_kernels.tpu.uniform import TpuUniformWeight
-
-    return any(isinstance(leaf, TpuUniformWeight) for _, leaf in flatten(params).items())
+    return any(type(leaf).__module__.startswith("pallas_kernels.")
+               for leaf in flatten(params).values())

@@ -1,11 +1,13 @@
 """Pallas dequant-matmul kernels, one package per backend.
 
-- :mod:`pallas_kernels.tpu.uniform`: Mosaic TPU ``x @ W^T`` for uniform 1..8-bit weights
-  with group scales and zeros (kernel layout built once by ``relayout``), verified in
-  CI with the Pallas TPU interpreter and by lowering for TPU.
+- :mod:`pallas_kernels.tpu`: Mosaic TPU ``x @ W^T`` for uniform 1..8-bit weights with
+  group scales and zeros (``uniform``) and per-column codebooks (``codebook``), on a
+  shared tiled pipeline (``common``); verified in CI with the Pallas TPU interpreter and
+  by lowering for TPU.
 - :mod:`pallas_kernels.compat`: the version-specific Pallas imports.
 
-Kernels will plug into :func:`jaxquant.ops.linear` through
-:func:`jaxquant.ops.register_linear`; until that integration lands every linear layer
-runs the plain ``jnp`` path.
+Each kernel module has ``eligible``, ``relayout`` (the kernel layout, built once), a
+jnp ``reference`` and a ``main()`` benchmark, and registers its layout type with
+:func:`jaxquant.ops.register_linear`; :func:`jaxquant.backends.prepare` converts a
+model's weights for the backend.
 """

@@ -86,13 +86,13 @@ def test_eligibility_and_bad_blocks():
 
 
 def test_block_table_fits_vmem_and_tiling():
-    for gen in (*tu._NK_BLOCKS, None, "v99"):
+    for gen in (*tu.common.NK_BLOCKS, None, "v99"):
         for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (200, 576)):
             bn, bk = tu.block_sizes(n, k, gen)
             assert bn % 128 == 0 and bk % 256 == 0
             for bits in (2, 3, 4, 8):
-                assert tu.vmem_bytes(256, bn, bk, bits, 2) < tu._VMEM_CAP // 2
-    assert tu.block_sizes(4096, 4096, "v99") == tu._FALLBACK_NK
+                assert tu.common.vmem_bytes(256, bn, bk, bits, 2) < tu.common.VMEM_CAP // 2
+    assert tu.block_sizes(4096, 4096, "v99") == tu.common.FALLBACK_NK
 
 
 # Mosaic lowering of every configuration: a kernel that would not compile for a TPU
@@ -166,3 +166,75 @@ def test_integer_dot_weights_stay_with_symmetric_activation_quantization():
     moved = prepare(q, cfg, backend="tpu")  # no activation quantization: the kernel
     assert type(flatten(moved)["layers.0.self_attn.q_proj.weight"]).__name__ == \
         "TpuUniformWeight"
+
+
+# --- per-column codebooks (CLAQ) -----------------------------------------------------------
+
+def _codebook_weight(rng: np.random.Generator, n: int, k: int, bits: int):
+    from jaxquant.formats import CodebookWeight
+
+    idx = jnp.asarray(rng.integers(0, 2 ** bits, (n, k)))
+    table = jnp.asarray(np.sort(rng.normal(size=(k, 2 ** bits)), axis=1), jnp.float16)
+    return CodebookWeight.from_indices(idx, table, bits=bits)
+
+
+@pytest.mark.parametrize("bits,lead,dtype,blocks", [
+    (4, (1,), jnp.float32, None),
+    (3, (3, 5), jnp.float32, (128, 256)),  # several N and K tiles
+    (2, (19,), jnp.bfloat16, None),
+    (6, (2,), jnp.float32, None),
+])
+def test_codebook_kernel_matches_reference_interpreted(bits, lead, dtype, blocks):
+    from pallas_kernels.tpu import codebook as tc
+
+    rng = np.random.default_rng(_seed("tpu codebook", bits, lead))
+    n, k = (300, 700) if blocks else (200, 576)
+    w = _codebook_weight(rng, n, k, bits)
+    tw = tc.relayout(w, blocks=blocks)
+    np.testing.assert_array_equal(np.asarray(tw.dequantize()), np.asarray(w.dequantize()))
+    x = jnp.asarray(rng.normal(size=(*lead, k)), dtype)
+    y = tc.codebook_matmul(x, tw, interpret=True)
+    assert y.shape == (*lead, n) and y.dtype == dtype and tpu_races_found() is False
+    ref = np.asarray(tc.reference(x, w))
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=tol,
+                               atol=tol * np.abs(ref).max())
+
+
+def test_codebook_eligibility_nan_and_lowering():
+    from jaxquant.formats import CodebookWeight
+    from pallas_kernels.tpu import codebook as tc
+
+    rng = np.random.default_rng(_seed("tpu codebook misc"))
+    assert "not a CodebookWeight" in tc.eligible(jnp.zeros((2, 2)))
+    big = CodebookWeight.from_indices(jnp.zeros((8, 16), jnp.int32),
+                                      jnp.zeros((16, 128), jnp.float16), bits=7)
+    assert "at most 6" in tc.eligible(big)
+    w = _codebook_weight(rng, 130, 260, 3)
+    x = np.asarray(rng.normal(size=(4, 260)), np.float32)
+    x[1, 0] = np.nan
+    y = np.asarray(tc.codebook_matmul(jnp.asarray(x), tc.relayout(w), interpret=True))
+    assert np.isnan(y[1]).all() and np.isfinite(np.delete(y, 1, 0)).all()
+    for bits in (2, 3, 4):
+        for m, dt in ((1, jnp.bfloat16), (512, jnp.bfloat16), (16, jnp.float32)):
+            tw = tc.relayout(_codebook_weight(rng, 256, 1024, bits), generation="v5e")
+            text = jax.jit(tc.codebook_matmul).trace(
+                jax.ShapeDtypeStruct((m, 1024), dt), tw).lower(
+                lowering_platforms=("tpu",)).as_text()
+            assert "tpu_custom_call" in text
+
+
+def test_prepare_picks_the_codebook_kernel():
+    from jaxquant.backends import prepare
+    from pallas_kernels.tpu import codebook as tc
+
+    rng = np.random.default_rng(_seed("tpu prepare codebook"))
+    w = _codebook_weight(rng, 40, 48, 3)
+    params = {"layers": {0: {"mlp": {"down_proj": {"weight": w}}}}}
+    got = prepare(params, backend="tpu")["layers"][0]["mlp"]["down_proj"]["weight"]
+    assert isinstance(got, tc.TpuCodebookWeight)
+    x = jnp.asarray(rng.normal(size=(3, 48)), jnp.float32)
+    from jaxquant.ops import linear
+
+    np.testing.assert_allclose(np.asarray(linear(x, got)), np.asarray(tc.reference(x, w)),
+                               rtol=1e-5, atol=1e-4)

@@ -6,22 +6,14 @@ symmetric or not), dequantizing one ``[bk, bn]`` weight tile at a time in VMEM a
 feeding it to the MXU with float32 accumulation. The weight is read once per M block
 at ``b`` bits per code, so a memory-bound decode moves ``b/16`` of a bf16 weight's bytes.
 
-Kernel layout (:func:`relayout`, once per weight, not per call): the codes are
-transposed to ``[K, N]`` (input rows on sublanes, outputs on lanes), padded to whole
-``[bk, bn]`` tiles, and split into the format's bit planes (3 = 2 + 1, as
-:mod:`jaxquant.formats.packing`). A plane of width ``w`` packs ``p = 32 / w`` codes per
-uint32 *strided within each K tile*: word row ``r`` of tile ``t`` holds rows
-``t bk + j (bk / p) + r`` at bits ``[j w, (j + 1) w)``, ``j < p``. Unpacking is then
-``p`` whole-tile shifts and masks whose results stack along sublanes, with no lane
-shuffles. Scales and zeros are stored per *kernel group* of ``kg = gcd(group_size, bk)``
-input rows, ``[K_pad / kg, N_pad]`` float32 (per output channel: one row
-``[1, N_pad]``), and broadcast over their rows in VMEM. When a K tile has fewer than 8
-scale rows (the TPU's sublane tiling), the scale block spans all K tiles (fetched once
-per N tile) and the kernel slices the current tile's rows.
-
-Grid ``(M / bm, N / bn, K / bk)``, the K axis innermost and sequential (a float32 VMEM
-accumulator), the others parallel. Block sizes come from :func:`block_sizes`, a table
-keyed by TPU generation with a safe fallback; the VMEM limit is set from an estimate.
+Kernel layout (:func:`relayout`, once per weight, not per call): the codes in the
+strided bit planes of :mod:`pallas_kernels.tpu.common` (``[K, N]``, whole tiles). Scales
+and zeros are stored per *kernel group* of ``kg = gcd(group_size, bk)`` input rows,
+``[K_pad / kg, N_pad]`` float32 (per output channel: one row ``[1, N_pad]``), and
+broadcast over their rows in VMEM. When a K tile has fewer than 8 scale rows (the TPU's
+sublane tiling), the scale block spans all K tiles (fetched once per N tile) and the
+kernel slices the current tile's rows. The pipeline (grid, accumulator, block table by
+TPU generation, VMEM limit) is :func:`pallas_kernels.tpu.common.dequant_matmul`.
 """
 
 from __future__ import annotations
@@ -38,48 +30,12 @@ import numpy as np
 from jaxquant.formats import packing
 from jaxquant.formats.uniform import UniformWeight
 from jaxquant.ops import register_linear
-from pallas_kernels.compat import pl, pltpu, tpu_compiler_params, tpu_interpret
+from pallas_kernels.compat import pl
+from pallas_kernels.tpu import common
 
-#: (bn, bk) per TPU generation: output lanes per tile, input rows per tile. bk is a
-#: multiple of 256 so the 1-bit plane's tile has a whole number of 8-row sublane groups.
-_NK_BLOCKS: dict[str, tuple[int, int]] = {
-    "v4": (512, 1024),
-    "v5e": (512, 1024),
-    "v5p": (512, 1024),
-    "v6e": (1024, 1024),
-}
-_FALLBACK_NK = (256, 512)
-#: Largest M block; M is padded to a multiple of 16 (bf16 sublane packing).
-_BM_MAX = 256
-_VMEM_CAP = 48 * 2**20
-
-
-def tpu_generation(device: Any | None = None) -> str | None:
-    """``"v4"``, ``"v5e"``, ``"v5p"``, ``"v6e"``... from a device kind, else ``None``."""
-    try:
-        kind = (device or jax.devices()[0]).device_kind.lower()
-    except Exception:  # no devices at all
-        return None
-    if "tpu" not in kind:
-        return None
-    for gen, keys in (("v6e", ("v6",)), ("v5e", ("v5 lite", "v5e")), ("v5p", ("v5p", "v5")),
-                      ("v4", ("v4",))):
-        if any(k in kind for k in keys):
-            return gen
-    return None
-
-
-def block_sizes(n: int, k: int, generation: str | None = None) -> tuple[int, int]:
-    """``(bn, bk)`` for an ``[n, k]`` weight: the generation's entry, shrunk for small
-    weights (never below 128 lanes / 256 rows), else the safe fallback."""
-    bn, bk = _NK_BLOCKS.get(generation or "", _FALLBACK_NK)
-    bn = min(bn, max(128, _round_up(n, 128)))
-    bk = min(bk, max(256, _round_up(k, 256)))
-    return bn, bk
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+# Re-exported for callers of this module.
+tpu_generation = common.tpu_generation
+block_sizes = common.block_sizes
 
 
 @jax.tree_util.register_dataclass
@@ -103,16 +59,7 @@ class TpuUniformWeight:
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The ``[N, K]`` weight back from the kernel layout (jnp; a test reference)."""
-        n_pad, k_pad = self.padded
-        codes = jnp.zeros((k_pad, n_pad), jnp.int32)
-        shift = 0
-        for plane, width in zip(self.planes, packing.plane_widths(self.bits), strict=True):
-            per = 32 // width
-            words = plane.reshape(k_pad // self.bk, 1, self.bk // per, n_pad)
-            offsets = (jnp.arange(per, dtype=jnp.uint32) * width)[None, :, None, None]
-            part = ((words >> offsets) & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
-            codes = codes | (part.reshape(k_pad, n_pad) << shift)
-            shift += width
+        codes = common.unpack_planes_jnp(self.planes, self.bits, self.bk)
         s = jnp.repeat(self.scales, self.kg, axis=0)
         z = (jnp.float32(2 ** (self.bits - 1)) if self.zeros is None
              else jnp.repeat(self.zeros, self.kg, axis=0))
@@ -147,21 +94,11 @@ def relayout(w: UniformWeight, *, generation: str | None = None,
     if why:
         raise ValueError(f"the TPU uniform kernel cannot take this weight: {why}")
     n, k = w.shape
-    bn, bk = blocks or block_sizes(n, k, generation if generation else tpu_generation())
-    if bn % 128 or bk % 256:
-        raise ValueError(f"blocks must be (multiple of 128, multiple of 256), got {(bn, bk)}")
-    n_pad, k_pad = _round_up(n, bn), _round_up(k, bk)
+    bn, bk = common.choose_blocks(n, k, generation, blocks)
+    n_pad, k_pad = common.round_up(n, bn), common.round_up(k, bk)
     codes = np.zeros((k_pad, n_pad), np.uint32)
     codes[:k, :n] = np.asarray(w.codes()).T
-    planes, shift = [], 0
-    for width in packing.plane_widths(w.bits):
-        per = 32 // width
-        part = (codes >> np.uint32(shift)) & np.uint32((1 << width) - 1)
-        part = part.reshape(k_pad // bk, per, bk // per, n_pad)
-        offsets = (np.arange(per, dtype=np.uint32) * np.uint32(width))[None, :, None, None]
-        words = np.bitwise_or.reduce(part << offsets, axis=1)  # fields are disjoint
-        planes.append(jnp.asarray(words.reshape(k_pad // per, n_pad)))
-        shift += width
+    planes = common.pack_planes(codes, w.bits, bk)
     if w.group_size >= k:  # per output channel: one row of scales for every K tile
         kg, groups = k_pad, np.zeros(1, np.int64)
     else:
@@ -179,29 +116,13 @@ def relayout(w: UniformWeight, *, generation: str | None = None,
         shape=(n, k), bits=w.bits, kg=kg, bn=bn, bk=bk)
 
 
-def _kernel(*refs: Any, widths: tuple[int, ...], bits: int, kg: int, bk: int,
-            symmetric: bool, whole_scales: bool, precision: Any) -> None:
-    x_ref, *plane_refs = refs[:1 + len(widths)]
-    rest = refs[1 + len(widths):]
-    s_ref, rest = rest[0], rest[1:]
-    z_ref, rest = (None, rest) if symmetric else (rest[0], rest[1:])
-    o_ref, acc_ref = rest
-
-    @pl.when(pl.program_id(2) == 0)
-    def _init() -> None:
-        acc_ref[...] = jnp.zeros_like(acc_ref)
-
-    codes, shift = None, 0
-    for plane_ref, width in zip(plane_refs, widths, strict=True):
-        words = plane_ref[...]
-        mask = jnp.uint32((1 << width) - 1)
-        rows = [(words >> jnp.uint32(j * width)) & mask for j in range(32 // width)]
-        part = (jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]).astype(jnp.int32)
-        part = part << shift if shift else part
-        codes = part if codes is None else codes | part
-        shift += width
+def _tile(*refs: Any, bits: int, kg: int, bk: int, symmetric: bool,
+          whole_scales: bool) -> jax.Array:
+    """The dequantized float32 ``[bk, bn]`` tile of this grid step."""
+    n_planes = len(packing.plane_widths(bits))
+    codes = common.unpack_tile(refs[:n_planes], bits)
+    s_ref, z_ref = refs[n_planes], (None if symmetric else refs[n_planes + 1])
     bn = codes.shape[1]
-
     r = max(bk // kg, 1)  # stored scale rows per K tile
 
     def expand(ref: Any) -> jax.Array:  # this K tile's rows -> [bk, bn]
@@ -213,21 +134,7 @@ def _kernel(*refs: Any, widths: tuple[int, ...], bits: int, kg: int, bk: int,
         return jnp.broadcast_to(a[:, None, :], (r, kg, bn)).reshape(bk, bn)
 
     z = jnp.float32(2 ** (bits - 1)) if symmetric else expand(z_ref)
-    w = (codes.astype(jnp.float32) - z) * expand(s_ref)
-    x = x_ref[...]
-    acc_ref[...] += jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32,
-                            precision=precision)
-
-    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
-    def _done() -> None:
-        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
-
-
-def vmem_bytes(bm: int, bn: int, bk: int, bits: int, x_itemsize: int) -> int:
-    """Estimated VMEM of one grid step: double-buffered inputs and output, the
-    accumulator, and the unpacked/dequantized tile temporaries (int32 + float32)."""
-    inputs = bm * bk * x_itemsize + bk * bn * bits // 8 + 2 * bn * bk // 8 * 4
-    return 2 * (inputs + bm * bn * x_itemsize) + bm * bn * 4 + 3 * bk * bn * 4
+    return (codes.astype(jnp.float32) - z) * expand(s_ref)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -244,19 +151,7 @@ def uniform_matmul(x: jax.Array, w: TpuUniformWeight, *, interpret: bool | Any =
     Returns:
       ``[..., N]`` in ``x``'s dtype.
     """
-    n, k = w.shape
-    n_pad, k_pad = w.padded
-    lead = x.shape[:-1]
-    m = math.prod(lead)
-    x2 = x.reshape(m, k)
-    bm = min(_BM_MAX, _round_up(max(m, 1), 16))
-    m_pad = _round_up(m, bm)
-    x2 = jnp.pad(x2, ((0, m_pad - m), (0, k_pad - k)))
-    widths = packing.plane_widths(w.bits)
     bn, bk, kg = w.bn, w.bk, w.kg
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk))]
-    in_specs += [pl.BlockSpec((bk // (32 // wd), bn), lambda i, j, kk: (kk, j)) for wd in widths]
     # Scale rows per K tile: a blocked spec needs a multiple of 8 rows (TPU tiling);
     # fewer (e.g. 4 groups of 128 in a 512-row tile) -> the block spans all K tiles'
     # rows (fetched once per N tile) and the kernel slices this tile's rows.
@@ -268,24 +163,14 @@ def uniform_matmul(x: jax.Array, w: TpuUniformWeight, *, interpret: bool | Any =
         s_spec = pl.BlockSpec((w.scales.shape[0], bn), lambda i, j, kk: (0, j))
     else:
         s_spec = pl.BlockSpec((rows, bn), lambda i, j, kk: (kk, j))
-    in_specs += [s_spec] * (1 if w.zeros is None else 2)
-    operands = [x2, *w.planes, w.scales] + ([] if w.zeros is None else [w.zeros])
-    vmem = vmem_bytes(bm, bn, bk, w.bits, x.dtype.itemsize)
-    out = pl.pallas_call(
-        functools.partial(_kernel, widths=widths, bits=w.bits, kg=kg, bk=bk,
-                          symmetric=w.zeros is None, whole_scales=whole_scales,
-                          precision=precision),
-        grid=(m_pad // bm, n_pad // bn, k_pad // bk),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), x.dtype),
-        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-        compiler_params=tpu_compiler_params(
-            dimension_semantics=("parallel", "parallel", "arbitrary"),
-            vmem_limit_bytes=min(_VMEM_CAP, max(16 * 2**20, 2 * vmem))),
-        interpret=tpu_interpret(interpret),
-    )(*operands)
-    return out[:m, :n].reshape(*lead, n)
+    side = [w.scales] + ([] if w.zeros is None else [w.zeros])
+    return common.dequant_matmul(
+        x, [*w.planes, *side], [*common.plane_specs(w.bits, bn, bk), *[s_spec] * len(side)],
+        tile=functools.partial(_tile, bits=w.bits, kg=kg, bk=bk, symmetric=w.zeros is None,
+                               whole_scales=whole_scales),
+        shape=w.shape, padded=w.padded, bn=bn, bk=bk, bits=w.bits,
+        extra_tile_bytes=len(side) * 4 * bn * (w.scales.shape[0] if whole_scales else rows),
+        interpret=interpret)
 
 
 def linear(x: jax.Array, w: TpuUniformWeight) -> jax.Array:
