@@ -2,7 +2,7 @@
 
 - :mod:`pallas_kernels.tpu`: Mosaic TPU ``x @ W^T`` for uniform 1..8-bit weights with
   group scales and zeros (``uniform``) and per-column codebooks (``codebook``), on a
-  shared tiled pipeline (``common``); verified in CI with the Pallas TPU interpreter and
+  shared tiled pipeline (``common``), and W8A8 int8 on the MXU (``int8``); verified in CI with the Pallas TPU interpreter and
   by lowering for TPU.
 - :mod:`pallas_kernels.compat`: the version-specific Pallas imports.
 

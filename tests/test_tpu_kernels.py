@@ -238,3 +238,45 @@ def test_prepare_picks_the_codebook_kernel():
 
     np.testing.assert_allclose(np.asarray(linear(x, got)), np.asarray(tc.reference(x, w)),
                                rtol=1e-5, atol=1e-4)
+
+
+# --- W8A8 int8 on the MXU ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("lead,n,k", [((1,), 256, 384), ((3, 7), 384, 1280), ((70,), 128, 128)])
+def test_int8_kernel_is_exact_interpreted(lead, n, k):
+    from pallas_kernels.tpu import int8 as ti
+
+    rng = np.random.default_rng(_seed("tpu int8", lead, n, k))
+    xq = jnp.asarray(rng.integers(-127, 128, (*lead, k)), jnp.int8)
+    xs = jnp.asarray(rng.uniform(0.5, 2.0, (*lead, 1)), jnp.float32)
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+    ws = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    y = ti.int8_matmul(xq, xs, wq, ws, interpret=True)
+    assert y.shape == (*lead, n) and tpu_races_found() is False
+    np.testing.assert_allclose(np.asarray(y), ti.reference(xq, xs, wq, ws), rtol=1e-6)
+
+
+def test_int8_kernel_eligibility_lowering_and_routing():
+    from jaxquant.algorithms.act_quant import int8_matmul
+    from pallas_kernels.tpu import int8 as ti
+
+    assert "multiples of 128" in ti.eligible(200, 576)
+    assert ti.eligible(576 * 2, 1536) is None
+    with pytest.raises(ValueError, match="cannot take"):
+        ti.int8_matmul(jnp.zeros((1, 576), jnp.int8), jnp.ones((1, 1)),
+                       jnp.zeros((200, 576), jnp.int8), jnp.ones(200))
+    for m in (1, 64, 2048):
+        args = (jax.ShapeDtypeStruct((m, 4096), jnp.int8),
+                jax.ShapeDtypeStruct((m, 1), jnp.float32),
+                jax.ShapeDtypeStruct((11008, 4096), jnp.int8),
+                jax.ShapeDtypeStruct((11008,), jnp.float32))
+        assert "tpu_custom_call" in jax.jit(ti.int8_matmul).trace(*args).lower(
+            lowering_platforms=("tpu",)).as_text()
+        # act_quant.int8_matmul, lowered for TPU, routes to the kernel ...
+        assert "tpu_custom_call" in int8_matmul.trace(*args).lower(
+            lowering_platforms=("tpu",)).as_text()
+    # ... and keeps XLA's integer dot where the weight is not whole tiles.
+    odd = (jax.ShapeDtypeStruct((4, 576), jnp.int8), jax.ShapeDtypeStruct((4, 1), jnp.float32),
+           jax.ShapeDtypeStruct((200, 576), jnp.int8), jax.ShapeDtypeStruct((200,), jnp.float32))
+    text = int8_matmul.trace(*odd).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" not in text and "xi32>" in text

@@ -252,8 +252,10 @@ def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
     """``y[..., o] = s_x[...] s_w[o] sum_k qx[..., k] qw[o, k]``, the int accumulation exact.
 
     One ``dot_general`` of int8 x int8 operands with an int32 result (an integer GEMM on
-    hardware that has one), then a float32 rescale. On CUDA the codes are multiplied in
-    float32 instead (exact while the sums stay below 2**24), see the comment inside.
+    hardware that has one), then a float32 rescale. On TPU the Pallas int8 MXU kernel
+    (:mod:`pallas_kernels.tpu.int8`) computes it where the weight is whole 128-tiles. On
+    CUDA the codes are multiplied in float32 instead (exact while the sums stay below
+    2**24), see the comment inside.
     The int32 sum cannot overflow for ``in < 2**31 / 127**2 = 133,144`` channels
     (narrow-range codes). Symmetric codes only:
     asymmetric activations would need the zero-point term ``- z_x sum_k qw[o, k]``.
@@ -282,7 +284,19 @@ def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
         return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims,
                                    precision=_HI)
 
-    acc = jax.lax.platform_dependent(x_codes, w_codes, default=int_dot, cuda=float_dot)
+    def tpu_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+        # TPU: the Pallas int8 MXU kernel (unit scales: it returns the exact int32 sum as
+        # float32, like int_dot) when the weight is whole tiles and kernels are enabled.
+        from jaxquant.backends import kernels_enabled
+        from pallas_kernels.tpu import int8 as tpu_int8
+
+        if not kernels_enabled() or tpu_int8.eligible(*b.shape) is not None:
+            return int_dot(a, b)
+        ones = jnp.ones((*a.shape[:-1], 1), jnp.float32)
+        return tpu_int8.int8_matmul(a, ones, b, jnp.ones((b.shape[0],), jnp.float32))
+
+    acc = jax.lax.platform_dependent(x_codes, w_codes, default=int_dot, cuda=float_dot,
+                                     tpu=tpu_dot)
     xs = jnp.asarray(x_scale, jnp.float32)
     if xs.ndim == x_codes.ndim - 1 and xs.ndim > 0:
         xs = xs[..., None]
