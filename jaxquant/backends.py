@@ -8,12 +8,14 @@ their format and the ``jnp`` path. ``prepare(..., kernels=False)`` (CLI
 that forces the ``jnp`` path everywhere.
 
 Backends with kernels: TPU (:mod:`pallas_kernels.tpu`: uniform 1..8-bit weights with
-group scales, per-column codebooks up to 6 bits). On other backends :func:`prepare`
-returns the parameters unchanged.
+group scales, per-column codebooks up to 6 bits; mixed-precision weights run each part
+on its kernel, outlier weights their base plus a sparse correction). On other backends
+:func:`prepare` returns the parameters unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -77,12 +79,36 @@ def prepare(params: Params, cfg: ModelConfig | None = None, *, backend: str | No
             continue
         if int_dot and getattr(leaf, "integer_codes", lambda: None)() is not None:
             continue
-        for module in modules:
-            if module.eligible(leaf) is None:
-                flat[path] = module.relayout(leaf)
-                changed = True
-                break
+        new = _convert(leaf, modules)
+        if new is not leaf:
+            flat[path] = new
+            changed = True
     return unflatten(flat) if changed else params
+
+
+def _convert(w: Any, modules: list[Any]) -> Any:
+    """``w`` in a kernel layout, recursing into mixed-precision parts (each part its own
+    kernel: the EXL2 scheme, permuted columns then a sum of uniform-width matmuls) and
+    outlier bases (base kernel plus a sparse correction); ``w`` itself when nothing
+    applies."""
+    from jaxquant.formats import MixedWeight, OutlierWeight
+
+    for module in modules:
+        if module.eligible(w) is None:
+            return module.relayout(w)
+    if isinstance(w, MixedWeight):
+        parts = tuple(_convert(p, modules) for p in w.parts)
+        if all(a is b for a, b in zip(parts, w.parts, strict=True)):
+            return w
+        return dataclasses.replace(w, parts=parts)
+    if isinstance(w, OutlierWeight):
+        base = _convert(w.base, modules)
+        if base is w.base:
+            return w
+        from pallas_kernels import sparse
+
+        return sparse.relayout(w, base)
+    return w
 
 
 def is_prepared(params: Params) -> bool:

@@ -280,3 +280,34 @@ def test_int8_kernel_eligibility_lowering_and_routing():
            jax.ShapeDtypeStruct((200, 576), jnp.int8), jax.ShapeDtypeStruct((200,), jnp.float32))
     text = int8_matmul.trace(*odd).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" not in text and "xi32>" in text
+
+
+# --- mixed precision and outliers: parts on their kernels, sparse correction -------------
+
+def test_mixed_and_outlier_weights_run_on_the_kernels():
+    from jaxquant.backends import prepare
+    from jaxquant.formats import MixedWeight, OutlierWeight
+    from jaxquant.ops import linear
+    from pallas_kernels.sparse import SparseCorrectedWeight
+    from pallas_kernels.tpu.uniform import TpuUniformWeight
+
+    rng = np.random.default_rng(_seed("tpu mixed"))
+    n, k = 40, 200
+    parts = (_weight(rng, n, 64, 2, 32, False), _weight(rng, n, 96, 3, 32, False),
+             _weight(rng, n, 40, 4, None, True))
+    perm = jnp.asarray(rng.permutation(k), jnp.int16)
+    mixed = MixedWeight(parts=parts, perm=perm, shape=(n, k))
+    idx = np.sort(rng.choice(n * k, 60, replace=False))
+    outl = OutlierWeight(base=mixed, index=jnp.asarray(idx, jnp.int32),
+                         values=jnp.asarray(rng.normal(size=60) * 5, jnp.float32), shape=(n, k))
+    path = "layers.0.mlp.down_proj.weight"
+    for w in (mixed, outl):
+        got = prepare({"layers": {0: {"mlp": {"down_proj": {"weight": w}}}}}, backend="tpu")
+        pw = got["layers"][0]["mlp"]["down_proj"]["weight"]
+        inner = pw.base if isinstance(w, OutlierWeight) else pw
+        assert isinstance(pw, SparseCorrectedWeight if w is outl else MixedWeight), path
+        assert all(isinstance(p, TpuUniformWeight) for p in inner.parts)
+        x = jnp.asarray(rng.normal(size=(3, k)), jnp.float32)
+        ref = np.asarray(x) @ np.asarray(w.dequantize()).T
+        np.testing.assert_allclose(np.asarray(linear(x, pw)), ref, rtol=1e-4,
+                                   atol=1e-4 * np.abs(ref).max())
