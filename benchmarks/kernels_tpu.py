@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +39,6 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 FORMATS = ("uniform4", "uniform3", "uniform2", "codebook4", "codebook3", "codebook2", "int8")
 
 
-def median_us(f: Any, *args: Any, runs: int = 20) -> float:
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return 1e6 * float(np.median(ts))
-
-
 def nbytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -58,10 +47,10 @@ def device_facts() -> dict:
     """Copy bandwidth (read + write of 1 GiB) and bf16 8192^3 matmul rate, this run."""
     a = jnp.ones((2**28,), jnp.float32)
     copy = jax.jit(lambda v: v + 1)
-    t = median_us(copy, a, runs=10) * 1e-6
+    t = common.median_us(copy, a, runs=10) * 1e-6
     x = jnp.ones((8192, 8192), jnp.bfloat16)
     mm = jax.jit(lambda p, q: p @ q)
-    tm = median_us(mm, x, x, runs=10) * 1e-6
+    tm = common.median_us(mm, x, x, runs=10) * 1e-6
     return {"copy_gbps": 2 * a.size * 4 / t / 1e9, "bf16_tflops": 2 * 8192**3 / tm / 1e12}
 
 
@@ -110,9 +99,9 @@ def main() -> None:
             kernel = jax.jit(fn)
             for m in (int(v) for v in args.m.split(",")):
                 x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-                t = median_us(kernel, x, kw)
-                t_bf16 = median_us(jax.jit(lambda a, b: a @ b.T), x, wb)
-                t_deq = median_us(jax.jit(deq), x)
+                t = common.median_us(kernel, x, kw)
+                t_bf16 = common.median_us(jax.jit(lambda a, b: a @ b.T), x, wb)
+                t_deq = common.median_us(jax.jit(deq), x)
                 moved = nbytes(kw) + x.size * 2 + m * n * 2
                 row = {"shape": [n, k], "format": fmt, "m": m, "us": t, "bf16_us": t_bf16,
                        "dequant_jnp_us": t_deq, "gbps": moved / t / 1e3,

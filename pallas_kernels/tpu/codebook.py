@@ -134,8 +134,6 @@ def reference(x: jax.Array, w: CodebookWeight) -> jax.Array:
 
 def main() -> None:
     """Benchmark on a TPU (Llama-2-7B shapes; median of 20 after warm-up)."""
-    import time
-
     if common.tpu_generation() is None:
         print("no TPU here: the benchmark needs one (tests run the kernel interpreted)")
         return
@@ -147,13 +145,8 @@ def main() -> None:
             tw = relayout(CodebookWeight.from_indices(idx, table, bits=bits))
             for m in (1, 16, 512):
                 x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-                codebook_matmul(x, tw).block_until_ready()
-                ts = []
-                for _ in range(20):
-                    t = time.perf_counter()
-                    codebook_matmul(x, tw).block_until_ready()
-                    ts.append(time.perf_counter() - t)
-                print(f"{n}x{k} {bits}-bit codebook M={m}: {1e6 * float(np.median(ts)):.1f} us")
+                us = common.median_us(codebook_matmul, x, tw)
+                print(f"{n}x{k} {bits}-bit codebook M={m}: {us:.1f} us")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,20 @@ BM_MAX = 256
 VMEM_CAP = 48 * 2**20
 
 
+def median_us(f: Callable[..., Any], *args: Any, runs: int = 20) -> float:
+    """Median wall time of ``f(*args)`` in microseconds, after one warm-up call, each run
+    synchronized with ``block_until_ready`` (the kernels' ``main()`` benchmarks)."""
+    import time
+
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t)
+    return 1e6 * float(np.median(ts))
+
+
 def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 

@@ -108,21 +108,11 @@ def reference(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
 
 def main() -> None:
     """Benchmark on a TPU: W8A8 against a bf16 matmul (Llama-2-7B shapes)."""
-    import time
-
     if common.tpu_generation() is None:
         print("no TPU here: the benchmark needs one (tests run the kernel interpreted)")
         return
     rng = np.random.default_rng(0)
-
-    def timed(f: Any, *a: Any) -> float:
-        f(*a).block_until_ready()
-        ts = []
-        for _ in range(20):
-            t = time.perf_counter()
-            f(*a).block_until_ready()
-            ts.append(time.perf_counter() - t)
-        return 1e6 * float(np.median(ts))
+    timed = common.median_us
 
     for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
         wq = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)

@@ -190,8 +190,6 @@ def reference(x: jax.Array, w: UniformWeight) -> jax.Array:
 
 def main() -> None:
     """Benchmark on a TPU (Llama-2-7B shapes; median of 20 after warm-up)."""
-    import time
-
     from jaxquant.algorithms.rtn import rtn
 
     if tpu_generation() is None:
@@ -204,14 +202,8 @@ def main() -> None:
             tw = relayout(rtn(wf, bits=bits, group_size=128, symmetric=False))
             for m in (1, 16, 512):
                 x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-                f = jax.jit(uniform_matmul)
-                f(x, tw).block_until_ready()
-                ts = []
-                for _ in range(20):
-                    t = time.perf_counter()
-                    f(x, tw).block_until_ready()
-                    ts.append(time.perf_counter() - t)
-                print(f"{n}x{k} {bits}-bit M={m}: {1e6 * float(np.median(ts)):.1f} us")
+                us = common.median_us(uniform_matmul, x, tw)
+                print(f"{n}x{k} {bits}-bit M={m}: {us:.1f} us")
 
 
 if __name__ == "__main__":
