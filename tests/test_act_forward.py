@@ -44,11 +44,14 @@ def test_transforms_keep_the_float_model(kind, family, hidden, tie):
     assert tcfg.online_hadamard == (kind != "smooth")
     np.testing.assert_allclose(np.asarray(forward(tp, tcfg, tokens)), ref, rtol=2e-4,
                                atol=2e-4)
-    # The KV cache path computes the same function.
-    cache = init_cache(tcfg, 2, 16)
-    first, cache = decode_step(tp, tcfg, tokens[:, :6], cache)
-    rest, _ = decode_step(tp, tcfg, tokens[:, 6:], cache)
-    np.testing.assert_allclose(np.concatenate([first, rest], 1), ref, rtol=2e-4, atol=2e-4)
+    if kind == "smoothrot":  # smoothing and the online Hadamards: one case per family
+        # The KV cache path computes the same function: 6 tokens, then 6 more after them
+        # (equal chunks: one shape of each eager op).
+        cache = init_cache(tcfg, 2, 16)
+        first, cache = decode_step(tp, tcfg, tokens[:, :6], cache)
+        rest, _ = decode_step(tp, tcfg, tokens[:, 6:12], cache)
+        np.testing.assert_allclose(np.concatenate([first, rest], 1), ref[:, :12], rtol=2e-4,
+                                   atol=2e-4)
 
 
 def test_online_hadamard_weights_are_rotated():

@@ -12,6 +12,7 @@ import jaxquant
 from jaxquant.cli.main import main
 from jaxquant.models import transformer
 from jaxquant.params import flatten
+from tests.conftest import WIKI_TEST
 from tests.hf_models import make_model
 
 _forward = jax.jit(transformer.forward, static_argnums=1)
@@ -76,17 +77,21 @@ def test_every_family_saves_and_loads(family, tmp_path):
 
 
 @pytest.mark.model
-def test_smollm2_gguf_convert_round_trip(tmp_path):
-    src = jaxquant.load_model("smollm2-135m")
+def test_smollm2_gguf_convert_round_trip(smollm2_model, tmp_path):
+    src = smollm2_model  # jaxquant.load_model("smollm2-135m")
     cfg = src.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
     out = tmp_path / "smollm2"
     jaxquant.save_checkpoint(out, config=cfg, params=src.params, tokenizer=src.tokenizer)
     back = jaxquant.load_model(out)
+    assert back.config == cfg
     assert_same_params(src.params, back.params)
     text = "The capital of France is Paris. It is known for"
     ids = jaxquant.tokenize(back.tokenizer, text)
     assert ids.tolist() == jaxquant.tokenize(src.tokenizer, text).tolist()
-    a = _forward(src.params, cfg, jnp.asarray(ids)[None])
-    b = _forward(back.params, back.config, jnp.asarray(ids)[None])
+    # The logits on real text (the shape test_smollm2's parity check compiles too).
+    wiki = jaxquant.tokenize(src.tokenizer, jaxquant.load_text(WIKI_TEST, "wikitext")[:2000])
+    tokens = jnp.asarray(wiki[:160][None])
+    a = _forward(src.params, cfg, tokens)
+    b = _forward(back.params, back.config, tokens)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

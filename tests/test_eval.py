@@ -20,6 +20,7 @@ from jaxquant.data import load_text, make_windows, sample_windows
 from jaxquant.errors import DataError
 from jaxquant.eval import evaluate_perplexity, window_nll
 from jaxquant.models import transformer
+from jaxquant.params import flatten
 from tests.hf_models import make_model, torch_source
 
 
@@ -67,16 +68,19 @@ def test_data_parallel_over_simulated_devices(tiny, tmp_path):
     windows = np.random.default_rng(2).integers(0, cfg.vocab_size, (7, 12))
     single = evaluate_perplexity(params, cfg, windows, batch_size=3, progress=False)
     np.save(tmp_path / "windows.npy", windows)
+    # The same model, without importing torch and transformers again in the subprocess.
+    np.savez(tmp_path / "params.npz", **{k: np.asarray(v) for k, v in flatten(params).items()})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     script = textwrap.dedent(f"""
-        import json, os, sys
+        import json, os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-        sys.path.insert(0, {str(tmp_path.parent)!r})
         import jax, numpy as np
-        from jaxquant.checkpoints.convert import params_from_source
         from jaxquant.eval import evaluate_perplexity
-        from tests.hf_models import make_model, torch_source
+        from jaxquant.models.config import ModelConfig
+        from jaxquant.params import unflatten
         assert len(jax.devices()) == 4, jax.devices()
-        cfg, params = params_from_source(torch_source(make_model("qwen2", seed=3)))
+        cfg = ModelConfig.from_dict(json.loads(open({str(tmp_path / "config.json")!r}).read()))
+        params = unflatten(dict(np.load({str(tmp_path / "params.npz")!r})))
         w = np.load({str(tmp_path / "windows.npy")!r})
         r = evaluate_perplexity(params, cfg, w, batch_size=3, progress=False)
         print(json.dumps({{"ppl": r.ppl, "devices": r.devices, "batch": r.batch_size}}))

@@ -768,11 +768,9 @@ def test_smollm2_config(smollm2: Any) -> None:
 
 
 @pytest.mark.model
-def test_smollm2_tokenizer_matches_transformers(smollm2: Any, monkeypatch: Any) -> None:
-    import transformers
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = _smollm2_path()
-    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def test_smollm2_tokenizer_matches_transformers(smollm2: Any,
+                                               smollm2_transformers: Any) -> None:
+    ref = smollm2_transformers.tokenizer  # AutoTokenizer.from_pretrained(gguf_file=...)
     text = _wikitext(20_000)
     ids = smollm2.tokenizer.encode(text).ids
     assert ids == ref(text).input_ids
@@ -783,18 +781,10 @@ def test_smollm2_tokenizer_matches_transformers(smollm2: Any, monkeypatch: Any) 
 
 
 @pytest.mark.model
-def test_smollm2_tensors_match_transformers(smollm2: Any) -> None:
-    import torch
-    import transformers
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    path = _smollm2_path()
+def test_smollm2_tensors_match_transformers(smollm2: Any, smollm2_transformers: Any) -> None:
     # transformers' own GGUF reader (the one from_pretrained(gguf_file=...) uses), which
     # undoes the Q/K permutation itself; the model only supplies the parameter names.
-    config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    ref = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    ref = smollm2_transformers.tensors
     seen = set()
     for name, arr in smollm2.tensors():  # all 272, bit-exact
         expected = ref[name].float().numpy()

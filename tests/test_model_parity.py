@@ -74,22 +74,29 @@ def test_kv_cache_decoding(pair):
 
 def test_bfloat16_forward_close_to_float32(pair):
     _name, _model, cfg, params, rng = pair
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, 9)))
-    f32 = np.asarray(transformer.forward(params, cfg, tokens))
+    # Jitted, at test_full_sequence_logits' shape: its float32 program is reused, and one
+    # program for bfloat16 (eager, every op would compile on its own for bfloat16).
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(2, 13)))
+    fwd = jax.jit(transformer.forward, static_argnums=1)
+    f32 = np.asarray(fwd(params, cfg, tokens))
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    low = np.asarray(transformer.forward(bf16, cfg, tokens))
-    assert np.isfinite(low).all()
+    low = np.asarray(fwd(bf16, cfg, tokens))
+    assert low.dtype == np.float32 and np.isfinite(low).all()
     # bf16 keeps ~3 significant digits; the predictions must agree almost everywhere.
     assert np.abs(low - f32).max() < 0.1 * np.abs(f32).max()
     assert (low.argmax(-1) == f32.argmax(-1)).mean() >= 0.75
 
 
 def test_kv_cache_overflow_is_refused(pair):
-    _name, _model, cfg, params, _rng = pair
-    cache = transformer.init_cache(cfg, batch=1, max_len=4)
-    tokens = jnp.zeros((1, 3), jnp.int32)
-    _, cache = transformer.decode_step(params, cfg, tokens, cache)
+    _name, _model, cfg, params, rng = pair
+    # test_kv_cache_decoding's cache and prompt shapes: its jitted step is reused.
+    step = jax.jit(transformer.decode_step, static_argnums=1)
+    cache = transformer.init_cache(cfg, batch=2, max_len=16)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(2, 5)))
+    for _ in range(3):
+        _, cache = step(params, cfg, tokens, cache)
+    assert int(cache["length"]) == 15
     with pytest.raises(ValueError, match="KV cache overflow"):
         transformer.decode_step(params, cfg, tokens, cache)
-    logits, _ = jax.jit(transformer.decode_step, static_argnums=1)(params, cfg, tokens, cache)
+    logits, _ = step(params, cfg, tokens, cache)
     assert np.isnan(np.asarray(logits)).all()

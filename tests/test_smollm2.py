@@ -7,32 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 import jaxquant
-from jaxquant.checkpoints.load import embedded_path
 from jaxquant.models import transformer
 from tests.conftest import WIKI_TEST
 
 
 @pytest.mark.model
-def test_smollm2_logits_match_transformers(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    path = embedded_path("smollm2-135m")
-    config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    with torch.device("meta"):
-        meta = transformers.AutoModelForCausalLM.from_config(config)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=meta)["tensors"]
-    config._attn_implementation = "eager"
-    ref_model = transformers.LlamaForCausalLM(config).float().eval()
-    missing, _ = ref_model.load_state_dict({k: v.float() for k, v in tensors.items()},
-                                           strict=False)
+def test_smollm2_logits_match_transformers(smollm2_model, smollm2_transformers):
+    # transformers' LlamaForCausalLM on transformers' own reading of the GGUF tensors.
+    ref_model, missing = smollm2_transformers.model
     assert set(missing) <= {"lm_head.weight"}  # tied to the embeddings
-    ref_model.tie_weights()
-    del tensors
 
-    model = jaxquant.load_model("smollm2-135m")
+    model = smollm2_model  # jaxquant.load_model("smollm2-135m")
     text = jaxquant.load_text(WIKI_TEST, "wikitext")[:2000]
     ids = jaxquant.tokenize(model.tokenizer, text)[:160][None]
     with torch.no_grad():
@@ -46,9 +33,9 @@ def test_smollm2_logits_match_transformers(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_wikitext_ppl_first_10_windows():
+def test_smollm2_wikitext_ppl_first_10_windows(smollm2_model):
     """Acceptance: transformers gives PPL 20.296 on the first 10 windows (MISSION.md)."""
-    model = jaxquant.load_model("smollm2-135m")
+    model = smollm2_model
     ids = jaxquant.tokenize(model.tokenizer, jaxquant.load_text(WIKI_TEST, "wikitext"))
     assert len(ids) // 2048 == 147
     windows = jaxquant.make_windows(ids, 2048, max_windows=10)
