@@ -9,7 +9,9 @@ that forces the ``jnp`` path everywhere.
 
 Backends with kernels: TPU (:mod:`pallas_kernels.tpu`: uniform 1..8-bit weights with
 group scales, per-column codebooks up to 6 bits; mixed-precision weights run each part
-on its kernel, outlier weights their base plus a sparse correction). On other backends
+on its kernel, outlier weights their base plus a sparse correction) and GPU
+(:mod:`pallas_kernels.gpu`, Mosaic GPU for Hopper: uniform 1..8-bit weights with group
+scales; mixed-precision parts and outlier bases likewise). On other backends
 :func:`prepare` returns the parameters unchanged.
 """
 
@@ -31,6 +33,7 @@ Params = Mapping[Any, Any]
 #: Kernel modules per backend, tried in order; each has ``eligible`` and ``relayout``.
 _KERNEL_MODULES = {
     "tpu": ("pallas_kernels.tpu.uniform", "pallas_kernels.tpu.codebook"),
+    "gpu": ("pallas_kernels.gpu.uniform",),
 }
 #: Backends :func:`prepare` has kernels for.
 KERNEL_BACKENDS = tuple(_KERNEL_MODULES)
@@ -53,8 +56,9 @@ def prepare(params: Params, cfg: ModelConfig | None = None, *, backend: str | No
       cfg: The model config: with symmetric activation quantization, weights that take
         the integer dot (symmetric per-channel, ``integer_codes()``) keep their format.
       backend: ``"tpu"``, ``"gpu"``, ``"cpu"``; default: JAX's default backend. A
-        backend without kernels returns ``params`` unchanged. Passing ``"tpu"`` on
-        another machine runs the kernels in the Pallas TPU interpreter (for tests).
+        backend without kernels returns ``params`` unchanged. Passing ``"tpu"`` or
+        ``"gpu"`` on another machine runs the kernels in the Pallas TPU or GPU
+        interpreter (for tests).
       kernels: ``False`` returns ``params`` unchanged (the jnp path), as does the
         environment variable ``JAXQUANT_KERNELS=0``.
 

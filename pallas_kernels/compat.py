@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["pl", "pltpu", "tpu_compiler_params", "tpu_interpret", "tpu_races_found"]
+__all__ = ["gpu_interpret", "pl", "plgpu", "pltpu", "tpu_compiler_params", "tpu_interpret",
+           "tpu_races_found"]
 
 
 def tpu_compiler_params(*, dimension_semantics: tuple[str, ...],
@@ -39,3 +41,17 @@ def tpu_races_found() -> bool | None:
         return None
     races = getattr(ipc, "races", None)
     return None if races is None else bool(races.races_found)
+
+
+def gpu_interpret(interpret: bool | Any) -> Any:
+    """``interpret=True`` -> the Pallas GPU interpreter's parameters (Mosaic GPU kernels
+    run on CPU with simulated shared memory, barriers and TMA); other values pass
+    through (``False``: compile for the GPU)."""
+    if interpret is not True:
+        return interpret or None
+    params = getattr(plgpu, "InterpretParams", None)
+    if params is None:  # jax 0.10: not re-exported yet
+        from jax._src.pallas.mosaic_gpu.interpret import params as interpret_params
+
+        params = interpret_params.InterpretGPUParams
+    return params()

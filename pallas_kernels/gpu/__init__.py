@@ -1,0 +1,1 @@
+"""Mosaic GPU (Hopper) dequant-matmul kernels: :mod:`pallas_kernels.gpu.uniform`."""

@@ -1,0 +1,274 @@
+"""Mosaic GPU kernel (Hopper): ``y = x W^T`` for a uniform weight of up to 8 bits.
+
+Computes ``y[m, n] = sum_k x[m, k] s[n, g(k)] (q[n, k] - z[n, g(k)])`` for a
+:class:`jaxquant.formats.UniformWeight`, with the weight streamed through shared memory
+by TMA once per M tile and dequantized in registers straight into the tensor cores.
+
+The matmul is computed transposed ("swap AB"), ``y^T = W x^T``: wgmma's A operand (64
+rows a warpgroup, taken from registers) is the dequantized weight tile and B is the
+activation tile, whose M (1..256) becomes wgmma's N (a multiple of 8). A decode step
+(M = 1..16) thus uses an 8- or 16-wide wgmma instead of padding M to 64.
+
+Kernel layout (:func:`relayout`, once per weight, not per call):
+
+- ``codes``: ``[N_pad, K_pad]`` signed ``int4`` (widths 1..4) or ``int8`` (5..8),
+  ``q - 2**(bits-1)``: Mosaic GPU converts both to bf16 in registers (int4 with the
+  packed-nibble fast path). Widths below 4 are held in the 4-bit container for now, so
+  they move 4-bit bytes (see ``docs/gpu.md``).
+- ``scales``, ``bias``: ``[K_pad / kg, N_pad]`` bf16 per *kernel group* of
+  ``kg = gcd(group_size, 128)`` input columns (transposed, so one K tile's rows are a
+  contiguous block), ``bias = s * (2**(bits-1) - z)``; the tile is dequantized as
+  ``codes * s + bias`` (one bf16 FMA per weight) and padding has ``s = bias = 0``.
+
+Grid ``(N_pad / tn, M_pad / tm, split)``: each program owns ``tn`` rows and a ``1/split``
+share of K (split-K, so that a decode step has enough programs to fill 132 SMs), runs a
+``steps``-deep TMA pipeline over its K tiles of ``tk`` columns, and writes a float32
+partial ``[tn, tm]``; the partials are summed (and transposed back) in XLA.
+
+In the Pallas GPU interpreter (CPU tests) two things differ, because it implements
+neither: the dequantized tile goes through shared memory instead of registers, and the
+activations are read ``[K, M]`` (M-major) instead of through a transposed view. The
+register path and the transposed view are checked by lowering for CUDA in CI and on the
+device by ``benchmarks/kernels_gpu.py --check``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.formats.uniform import UniformWeight
+from jaxquant.ops import register_linear
+from pallas_kernels.compat import gpu_interpret, pl, plgpu
+
+#: Input columns per scale row in the kernel (wgmma K slice per FMA'd sub-tile).
+KG_MAX = 128
+#: Output rows per program (one warpgroup's wgmma M is 64).
+TN = 64
+#: Shared memory the pipeline may take (bytes; Hopper allows 227 KiB a block).
+SMEM_BUDGET = 200 * 1024
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GpuUniformWeight:
+    """A :class:`UniformWeight` in the GPU kernel layout (see the module docstring)."""
+
+    codes: jax.Array  # int4 or int8 [N_pad, K_pad]: q - 2**(bits-1)
+    scales: jax.Array  # bf16 [K_pad / kg, N_pad]
+    bias: jax.Array  # bf16 [K_pad / kg, N_pad]: s * (2**(bits-1) - z)
+    shape: tuple[int, int] = dataclasses.field(metadata={"static": True})  # (N, K)
+    bits: int = dataclasses.field(metadata={"static": True})  # code width, 1..8
+    kg: int = dataclasses.field(metadata={"static": True})  # columns per scale row
+    tk: int = dataclasses.field(metadata={"static": True})  # columns per K tile
+    max_split: int = dataclasses.field(metadata={"static": True})  # K_pad / tk divides by it
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """``(N_pad, K_pad)``."""
+        return int(self.codes.shape[0]), int(self.codes.shape[1])
+
+    def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
+        """The ``[N, K]`` weight back from the kernel layout (jnp; a test reference)."""
+        s = jnp.repeat(self.scales.astype(jnp.float32).T, self.kg, axis=1)
+        b = jnp.repeat(self.bias.astype(jnp.float32).T, self.kg, axis=1)
+        w = self.codes.astype(jnp.float32) * s + b
+        n, k = self.shape
+        return w[:n, :k].astype(dtype)
+
+
+def eligible(w: Any) -> str | None:
+    """``None`` when :func:`relayout` can take ``w``, else the reason it cannot."""
+    if not isinstance(w, UniformWeight):
+        return f"not a UniformWeight ({type(w).__name__})"
+    k = w.shape[1]
+    if w.group_size < k and w.group_size % 64:
+        return (f"group size {w.group_size} is not a multiple of 64 (the kernel applies "
+                "scales per 64- or 128-column wgmma slice)")
+    return None
+
+
+def relayout(w: UniformWeight, *, tk: int | None = None) -> GpuUniformWeight:
+    """The kernel layout of ``w`` (host NumPy work, once per weight).
+
+    Args:
+      w: The weight (:func:`eligible` must hold).
+      tk: Columns per K tile (a multiple of the kernel group); default 256, or 128 for
+        ``K < 2048``.
+
+    Raises:
+      ValueError: An ineligible weight.
+    """
+    why = eligible(w)
+    if why:
+        raise ValueError(f"the GPU uniform kernel cannot take this weight: {why}")
+    n, k = w.shape
+    kg = KG_MAX if w.group_size >= k else math.gcd(w.group_size, KG_MAX)
+    tk = tk or (256 if k >= 2048 else 128)
+    if tk % kg:
+        raise ValueError(f"tk={tk} is not a multiple of the kernel group {kg}")
+    steps = -(-k // tk)
+    max_split = 4 if steps >= 16 else 2 if steps >= 4 else 1
+    n_pad, k_pad = _round_up(n, TN), _round_up(k, tk * max_split)
+    container = 4 if w.bits <= 4 else 8
+    half = 2 ** (w.bits - 1)
+    codes = np.zeros((n_pad, k_pad), np.int8)
+    codes[:n, :k] = np.asarray(w.codes(), np.int16) - half
+    cols = np.arange(0, k_pad, kg)
+    groups = np.minimum(cols // w.group_size, w.scales.shape[1] - 1)
+    s = np.asarray(w.scales, np.float32)[:, groups]  # [n, K_pad / kg]
+    z = (np.full_like(s, half) if w.zeros is None
+         else np.asarray(w.zeros, np.float32)[:, groups])
+    live = (cols < k)[None, :]
+    scales = np.zeros((k_pad // kg, n_pad), np.float32)
+    bias = np.zeros((k_pad // kg, n_pad), np.float32)
+    scales[:, :n] = np.where(live, s, 0.0).T
+    bias[:, :n] = np.where(live, s * (half - z), 0.0).T
+    return GpuUniformWeight(
+        codes=jnp.asarray(codes, jnp.int4 if container == 4 else jnp.int8),
+        scales=jnp.asarray(scales, jnp.bfloat16), bias=jnp.asarray(bias, jnp.bfloat16),
+        shape=(n, k), bits=w.bits, kg=kg, tk=tk, max_split=max_split)
+
+
+def tiles_for(m: int, w: GpuUniformWeight) -> tuple[int, int, int]:
+    """``(tm, split, steps)`` for ``m`` rows of activations: the decode widths 8/16 with
+    split-K so that about 2-4 programs run per SM (132 SMs), wider M tiles without split
+    for larger batches. Measured on an H100 by ``benchmarks/kernels_gpu.py``."""
+    n_pad = w.padded[0]
+    tm = 8 if m <= 8 else 16 if m <= 16 else 64 if m <= 64 else 128
+    split = 1
+    if m <= 64:
+        while split < w.max_split and (n_pad // TN) * split < 256:
+            split *= 2
+    # pipeline depth: 4 stages of (codes + activations + scales) where shared memory
+    # (227 KiB a block on Hopper, less the output tile) allows, at least 2
+    container = 4 if w.bits <= 4 else 8
+    stage = TN * w.tk * container // 8 + tm * w.tk * 2 + 2 * (w.tk // w.kg) * TN * 2
+    steps = max(2, min(4, (SMEM_BUDGET - TN * tm * 4) // stage))
+    return tm, split, steps
+
+
+@functools.cache
+def _kernel(m_pad: int, n_pad: int, k_pad: int, *, tm: int, tk: int, kg: int, split: int,
+            steps: int, interpret: Any) -> Any:
+    sub = tk // kg
+    ksteps = k_pad // tk // split
+    xk = not interpret  # activations [M, K] through a transposed view (GPU only)
+
+    def body(x_gmem, q_gmem, s_gmem, b_gmem, o_gmem, a_smem):
+        ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
+
+        def scope(acc_ref):
+            def step(_, q_smem, x_smem, s_smem, b_smem):
+                for j in range(sub):  # one wgmma per kernel group of kg columns
+                    a = q_smem[:, pl.ds(j * kg, kg)].astype(jnp.bfloat16)
+                    shape = a.shape
+                    a = (a * jax.lax.broadcast_in_dim(s_smem[j, :], shape, [0])
+                         + jax.lax.broadcast_in_dim(b_smem[j, :], shape, [0]))
+                    if interpret:  # the interpreter takes wgmma's A from a ref only
+                        a_smem[...] = a
+                        plgpu.commit_smem()
+                        a = a_smem
+                    xs = (plgpu.transpose_ref(x_smem.at[:, pl.ds(j * kg, kg)], (1, 0)) if xk
+                          else x_smem.at[pl.ds(j * kg, kg), :])
+                    plgpu.wgmma(acc_ref, a, xs)
+                plgpu.wgmma_wait(0)
+
+            x_spec = (plgpu.BlockSpec((tm, tk), lambda k: (mi, si * ksteps + k)) if xk
+                      else plgpu.BlockSpec((tk, tm), lambda k: (si * ksteps + k, mi)))
+            plgpu.emit_pipeline(
+                step, grid=(ksteps,),
+                in_specs=[
+                    plgpu.BlockSpec((TN, tk), lambda k: (ni, si * ksteps + k)),
+                    x_spec,
+                    plgpu.BlockSpec((sub, TN), lambda k: (si * ksteps + k, ni)),
+                    plgpu.BlockSpec((sub, TN), lambda k: (si * ksteps + k, ni)),
+                ],
+                max_concurrent_steps=min(steps, ksteps),
+            )(q_gmem, x_gmem, s_gmem, b_gmem)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(scope, plgpu.ACC((TN, tm), jnp.float32))
+
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((TN, tm), jnp.float32))
+        def _store(o_smem):
+            o_smem[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                o_smem, o_gmem.at[si, pl.ds(ni * TN, TN), pl.ds(mi * tm, tm)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((split, n_pad, m_pad), jnp.float32),
+        grid=(n_pad // TN, m_pad // tm, split), grid_names=("n", "m", "s"),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        scratch_types=[plgpu.SMEM((TN, kg), jnp.bfloat16)],
+        interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
+def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any = False,
+                   tiles: tuple[int, int, int] | None = None) -> jax.Array:
+    """``x @ W^T`` for ``x [..., K]`` (float) and a weight in the kernel layout.
+
+    Args:
+      x: Activations (computed in bf16 on the tensor cores, float32 accumulation).
+      w: :func:`relayout` output.
+      interpret: ``True`` runs the kernel in the Pallas GPU interpreter (CPU tests).
+      tiles: ``(tm, split, steps)`` overriding :func:`tiles_for` (benchmarks).
+
+    Returns:
+      ``[..., N]`` in ``x``'s dtype.
+    """
+    n, k = w.shape
+    n_pad, k_pad = w.padded
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    tm, split, steps = tiles or tiles_for(m, w)
+    m_pad = _round_up(m, tm)
+    xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, m_pad - m), (0, k_pad - k)))
+    interp = gpu_interpret(interpret)
+    kernel = _kernel(m_pad, n_pad, k_pad, tm=tm, tk=w.tk, kg=w.kg, split=split, steps=steps,
+                     interpret=interp)
+    parts = kernel(xb.T if interp else xb, w.codes, w.scales, w.bias)
+    y = parts.sum(0)[:n, :m].T
+    return y.astype(x.dtype).reshape(*lead, n)
+
+
+def linear(x: jax.Array, w: GpuUniformWeight) -> jax.Array:
+    """:func:`jaxquant.ops.linear` for kernel-layout weights: the kernel on a GPU, the
+    Pallas GPU interpreter elsewhere (weights prepared for a GPU, e.g. in tests)."""
+    return uniform_matmul(x, w, interpret=jax.default_backend() != "gpu")
+
+
+register_linear(GpuUniformWeight, linear)
+
+
+def reference(x: jax.Array, w: UniformWeight) -> jax.Array:
+    """The jnp reference: ``x @ dequantize(W)^T`` in float32 (HIGHEST precision)."""
+    return jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w.dequantize(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def main() -> None:
+    """Benchmark on a GPU: see ``benchmarks/kernels_gpu.py`` (the full table)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "benchmarks/kernels_gpu.py", "--quick"], check=False)
+
+
+if __name__ == "__main__":
+    main()
