@@ -13,13 +13,16 @@ The public API::
     params, cfg, info = jaxquant.apply_transform(
         model.params, model.config, jaxquant.TransformConfig(kind="smoothrot"), windows)
     cfg = dataclasses.replace(cfg, act_quant=jaxquant.ActQuantConfig(bits=4, clip_ratio=0.9))
+    # sharded: 4-way data x 2-way tensor parallel (docs/sharding.md)
+    mesh = jaxquant.make_mesh(jaxquant.MeshConfig(data=4, model=2))
+    result = jaxquant.evaluate_perplexity(qparams, model.config, windows, mesh=mesh)
 """
 
 from jaxquant.algorithms.act_quant import ActQuantConfig
 from jaxquant.checkpoints.jq_checkpoint import load_checkpoint, save_checkpoint
 from jaxquant.checkpoints.load import Model, load_model
 from jaxquant.data import load_text, make_windows, sample_windows, tokenize
-from jaxquant.errors import CheckpointError, ConfigError, DataError, JaxquantError
+from jaxquant.errors import CheckpointError, ConfigError, DataError, JaxquantError, MeshError
 from jaxquant.eval import PerplexityResult, evaluate_perplexity
 from jaxquant.formats import (
     CodebookWeight,
@@ -41,6 +44,7 @@ from jaxquant.models import (
 from jaxquant.ops import linear, register_linear
 from jaxquant.quantize import quantization_report, quantize
 from jaxquant.recipes import QuantSpec, Recipe, RecipeError, Rule
+from jaxquant.sharding import MeshConfig, make_mesh, shard_params
 from jaxquant.transforms.pipeline import TransformConfig, apply_transform
 
 __version__ = "0.1.0"
@@ -53,6 +57,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "JaxquantError",
+    "MeshConfig",
+    "MeshError",
     "MixedWeight",
     "Model",
     "ModelConfig",
@@ -77,11 +83,13 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_text",
+    "make_mesh",
     "make_windows",
     "quantization_report",
     "quantize",
     "register_linear",
     "sample_windows",
     "save_checkpoint",
+    "shard_params",
     "tokenize",
 ]

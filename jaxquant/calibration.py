@@ -19,6 +19,19 @@ layer are collected *after* the layers feeding it inside the block are quantized
 Memory: one block's parameters, the current activations of the calibration windows
 (``[windows, seq_len, hidden]``, float32) and one batch's intermediate activations;
 never the whole model's activations.
+
+On a device mesh (``Calibration.mesh``, :mod:`jaxquant.sharding`) the same loop runs
+sharded: each batch of activations is split over the ``data`` axis, each block's
+weights are placed by the partition rules (split over ``model``), and XLA all-reduces
+the Hessians ``X^T X`` over ``data`` inside the jitted block forward (the token axis
+they sum over is split). Each layer's quantizer (GPTQ, SliM-LLM, CLAQ) then runs on the
+mesh's first device with the reduced statistics, and the quantized layer is placed back
+on the mesh. With ``Calibration.stream`` (layer streaming) only the current block's
+weights are on the devices: the other blocks stay where the caller keeps them (pass
+host NumPy arrays for a model larger than a device) and every quantized block is moved
+to the host as soon as it is done, so a model larger than one accelerator quantizes.
+Host memory peak of streaming: the float model as passed, plus the quantized model
+built so far, plus one block in transit.
 """
 
 from __future__ import annotations
@@ -56,6 +69,8 @@ class Calibration:
     progress: bool = True  # show a progress bar per block, with the running layer error
     true_sequential: bool = False  # collect each stage's inputs after quantizing earlier ones
     sample_tokens: int = 4096  # input rows kept per layer for methods that need activations
+    mesh: Any = None  # jax.sharding.Mesh (data x model) to run on; None: the default device
+    stream: bool = False  # layer streaming: only the current block on device, results to host
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,6 +121,72 @@ def apply_block(block_params: Any, cfg: ModelConfig, layer: int, x: jax.Array) -
     """Jitted block ``layer`` (compiled once per kind of block)."""
     return _apply_block(block_params, cfg, transformer.canonical_layer(cfg, layer), x)
 _embed = jax.jit(transformer.embed, static_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _embed_table(table: Any, cfg: ModelConfig, tokens: jax.Array, dtype: Any) -> jax.Array:
+    """The first block's input from the embedding table alone (layer streaming)."""
+    x = ops.embedding_lookup(table, tokens, dtype)
+    return x * jnp.asarray(cfg.embed_scale, dtype) if cfg.embed_scale != 1.0 else x
+
+
+class _Placement:
+    """Where calibration keeps blocks, activations and per-layer work (see the module
+    docstring); everything is left where it is without a mesh and streaming."""
+
+    def __init__(self, mesh: Any, stream: bool):
+        self.mesh, self.stream = mesh, stream
+        self.device = None
+        if mesh is not None:
+            from jaxquant import sharding
+
+            self.sharding = sharding
+            self.data = sharding.mesh_shape(mesh)["data"]
+            local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+            if len(local) != mesh.size:
+                raise ValueError("calibration on a mesh runs in one process: the mesh "
+                                 "spans devices of other processes")
+            self.device = local[0]
+        elif stream:
+            self.device = jax.devices()[0]
+
+    def batch_size(self, batch_size: int) -> int:
+        """Windows per step: a multiple of the data axis size."""
+        d = self.data if self.mesh is not None else 1
+        return -(-max(1, batch_size) // d) * d
+
+    def block(self, tree: Any) -> Any:
+        """A block's (or the embedding's) parameters, placed for the block forward."""
+        if self.mesh is not None:
+            return self.sharding.shard_params(tree, self.mesh)
+        return jax.device_put(tree, self.device) if self.stream else tree
+
+    def acts(self, x: Any) -> jax.Array:
+        """A batch of activations or tokens: split over ``data`` where it divides."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        spec = PartitionSpec("data") if x.shape[0] % self.data == 0 else PartitionSpec()
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def layer(self, tree: Any) -> Any:
+        """Arrays of ``tree`` on the device that runs the per-layer quantizers."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(lambda a: jax.device_put(a, self.device)
+                            if isinstance(a, jax.Array) else a, tree)
+
+    def inputs(self, x: LayerInputs) -> LayerInputs:
+        """:meth:`layer` for a layer's statistics."""
+        if self.mesh is None:
+            return x
+        return dataclasses.replace(x, hessian=self.layer(x.hessian),
+                                   absmax=self.layer(x.absmax), sample=self.layer(x.sample))
+
+    def host(self, tree: Any) -> Any:
+        """A finished quantized layer: on the host when streaming."""
+        return jax.device_get(tree) if self.stream else tree
 
 
 def _layer_stats(stats: Any) -> dict[str, dict[str, jax.Array]]:
@@ -245,10 +326,18 @@ def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: L
     start_all = time.perf_counter()
     cfg = calibration.config
     windows = np.asarray(calibration.windows, np.int32)
-    bs = max(1, calibration.batch_size)
+    place = _Placement(calibration.mesh, calibration.stream)
+    bs = place.batch_size(calibration.batch_size)
     flat = dict(flatten(params))
-    xs = [_embed(params, cfg, jnp.asarray(windows[i:i + bs]))
-          for i in range(0, len(windows), bs)]
+    batches = [windows[i:i + bs] for i in range(0, len(windows), bs)]
+    if calibration.mesh is None and not calibration.stream:
+        xs = [_embed(params, cfg, jnp.asarray(b)) for b in batches]
+    else:  # only the embedding table on device
+        table = place.block({"embed_tokens": {"weight": params["embed_tokens"]["weight"]}})
+        dtype = jnp.dtype(params["norm"]["weight"].dtype)
+        xs = [_embed_table(table["embed_tokens"]["weight"], cfg, place.acts(b), dtype)
+              for b in batches]
+        del table
     stats: dict[str, Any] = {}
     errors: list[float] = []
     blocks: dict[int, Any] = {}
@@ -256,7 +345,7 @@ def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: L
                disable=not calibration.progress, leave=False)
     for layer in bar:
         prefix = f"layers.{layer}."
-        float_block = params["layers"][layer]
+        float_block = place.block(params["layers"][layer])
         wanted = {p[len(prefix):]: s for p, s in specs.items() if p.startswith(prefix)}
         float_block_flat = flatten(float_block)
         qblock = dict(float_block_flat)
@@ -267,13 +356,15 @@ def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: L
             block_inputs.update(inputs)
             for path in stage:
                 start = time.perf_counter()
-                w = qblock[path]
-                q = quantize_layer(prefix + path, w, wanted[path], inputs[path])
+                w = place.layer(qblock[path])
+                layer_inputs = place.inputs(inputs[path])
+                q = quantize_layer(prefix + path, w, wanted[path], layer_inputs)
                 if isinstance(q, tuple):
                     q, states[path] = q
                 err = float(relative_layer_error(w, q.dequantize(jnp.float32),
-                                                 inputs[path].hessian))
-                qblock[path] = q
+                                                 layer_inputs.hessian))
+                del w, layer_inputs
+                qblock[path] = flatten(place.block(unflatten({path: q})))[path]
                 errors.append(err)
                 stats[prefix + path] = {"seconds": time.perf_counter() - start,
                                         "relative_error": err}
@@ -281,8 +372,11 @@ def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: L
                                     f"(mean {np.mean(errors):.2e})")
         block_params = unflatten(qblock)
         if block_fn is not None and wanted:
-            block_params, info = block_fn(cfg, layer, float_block, block_params, xs, wanted,
-                                          states)
+            # On a mesh the block step runs on one device, as the layer quantizers do.
+            block_params, info = block_fn(
+                cfg, layer, place.layer(float_block), place.layer(block_params),
+                place.layer(xs), wanted, place.layer(states))
+            block_params = place.block(block_params)
             blocks[layer] = info
             qblock = dict(flatten(block_params))
             for path in wanted:  # the block step changed the weights: errors after it
@@ -292,8 +386,11 @@ def sequential_quantize(params: Any, calibration: Calibration, quantize_layer: L
                     float_block_flat[path], qblock[path].dequantize(jnp.float32),
                     block_inputs[path].hessian))
         for path in wanted:
-            flat[prefix + path] = qblock[path]
+            flat[prefix + path] = place.host(qblock[path])
         xs = [apply_block(block_params, cfg, layer, x) for x in xs]
+        # Drop this block's device arrays before the next block is placed (streaming).
+        float_block = float_block_flat = block_params = qblock = None
+        block_inputs = inputs = states = None
     bar.close()
     out = {"tokens": int(windows.size), "layers": stats,
            "seconds": time.perf_counter() - start_all}

@@ -25,6 +25,10 @@ class DataError(JaxquantError):
     """Evaluation or calibration text is missing or too short."""
 
 
+class MeshError(JaxquantError):
+    """A device mesh shape that is malformed or does not match the available devices."""
+
+
 class OutputExistsError(JaxquantError):
     """An output path exists and ``force`` was not given."""
 

@@ -74,6 +74,25 @@ def _positive(value: str) -> int:
     return n
 
 
+def _mesh(value: str) -> Any:
+    """``--mesh data=D,model=M`` -> :class:`jaxquant.sharding.MeshConfig`."""
+    from jaxquant.errors import MeshError
+    from jaxquant.sharding import MeshConfig
+
+    try:
+        return MeshConfig.parse(value)
+    except MeshError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_mesh(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--mesh", type=_mesh, metavar="data=D,model=M",
+                   help=f"device mesh for {what}: D-way data parallel (windows split) times "
+                        "M-way tensor parallel (weights split); the product must be the "
+                        "device count; either part may be left out (default: every device "
+                        "on data, model=1)")
+
+
 def _add_model(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
     if positional:
         p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -90,7 +109,13 @@ def _add_no_kernels(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity of MODEL on a text (WikiText protocol of MISSION.md)."""
+    """Perplexity of MODEL on a text (WikiText protocol of MISSION.md); with several
+    processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a TPU pod
+    slice) one evaluation over every host's devices, reported by process 0."""
+    from jaxquant import distributed
+
+    proc = distributed.initialize()  # before anything touches a device
+
     import jax
 
     from jaxquant.checkpoints.load import load_model, resolve
@@ -108,10 +133,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
     }
+    if not proc.is_main:  # every process computed the same result; process 0 reports it
+        return 0
     print(f"ppl {result.ppl:.4f} over {result.windows} windows of {result.seq_len} tokens "
           f"({result.tokens} predicted) in {result.seconds:.1f} s "
           f"[{result.tokens_per_second:.0f} tok/s on {result.devices} {report['backend']} "
-          f"device(s)]")
+          f"device(s), mesh data={result.mesh['data']},model={result.mesh['model']}"
+          f"{f', {result.processes} processes' if result.processes > 1 else ''}]")
     if args.json:
         write_json(args.json, report, force=args.force)
     return 0
@@ -167,7 +195,7 @@ def _perplexity(params: Any, cfg: Any, windows: Any, args: argparse.Namespace, l
 
     try:
         return evaluate_perplexity(params, cfg, windows, batch_size=args.batch_size,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, mesh=getattr(args, "mesh", None))
     except FloatingPointError as e:
         raise JaxquantError(f"{label}: {e}") from e
 
@@ -277,6 +305,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     resolve(args.model)
     spec = _weight_spec(args)
     act, tcfg = _runtime(args)
+    mesh = None
+    if args.mesh is not None:
+        from jaxquant.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh, jax.local_devices())
     if spec is None and args.transform == "none" and act is None and not args.kv_bits:
         raise JaxquantError("--method none quantizes nothing: add --transform, --act-bits "
                             "or --kv-bits")
@@ -337,7 +370,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if spec.method in CALIBRATED:
             calibration = Calibration(
                 config=cfg, batch_size=args.calib_batch_size, progress=not args.quiet,
-                true_sequential=args.true_sequential, windows=windows)
+                true_sequential=args.true_sequential, windows=windows, mesh=mesh,
+                stream=mesh is not None)
         qparams, stats = quantize(params, recipe, calibration, return_stats=True)
     cfg = dataclasses.replace(cfg, act_quant=act, kv_bits=args.kv_bits)
     qparams = jax.block_until_ready(qparams)
@@ -517,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, default=2048, help="window length (2048)")
     p.add_argument("--max-windows", type=_positive, help="score only the first N windows")
     p.add_argument("--batch-size", type=_positive, default=1,
-                   help="windows per step, split over all local devices (1)")
+                   help="windows per step, split over the data axis of the mesh (1)")
+    _add_mesh(p, "the evaluation")
     p.add_argument("--json", metavar="OUT", help="write a JSON report here")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -618,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration windows per forward step (8)")
     p.add_argument("--calib-seed", type=int, default=0,
                    help="seed of the window sampling (0, as the GPTQ reference)")
+    _add_mesh(p, "calibration (activations split over data, Hessians all-reduced, each "
+                 "block's weights split over model, finished blocks moved to the host) and "
+                 "--eval")
     p.add_argument("--pattern", metavar="REGEX",
                    help="parameter paths to quantize (default: every linear layer of "
                         "every block)")
