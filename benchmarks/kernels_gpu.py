@@ -120,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="verify against the reference")
     parser.add_argument("--quick", action="store_true", help="4-bit, M in {1, 16, 512}")
+    parser.add_argument("--bits", type=int, nargs="*", help="widths (default 4 3 2 8)")
+    parser.add_argument("--ms", type=int, nargs="*", help="activation rows (default all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu"))
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
@@ -131,8 +133,8 @@ def main() -> None:
                 bf16_tflops=bf16_tflops())
     print(meta, flush=True)
     checks = check(rng) if args.check else []
-    widths = (4,) if args.quick else (4, 3, 2, 8)
-    ms = (1, 16, 512) if args.quick else MS
+    widths = args.bits or ((4,) if args.quick else (4, 3, 2, 8))
+    ms = args.ms or ((1, 16, 512) if args.quick else MS)
     rows = []
     for n, k in SHAPES:
         wf = jnp.asarray(rng.normal(size=(n, k)), jnp.float32)

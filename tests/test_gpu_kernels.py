@@ -59,6 +59,7 @@ def test_ineligible_weights_say_why():
     (3, 64, True, (3, 5), jnp.float32),  # 15 rows: tm 16, 64-column kernel groups
     (8, None, False, (20,), jnp.bfloat16),  # int8 codes, per channel, tm 64
     (2, 128, False, (130,), jnp.float32),  # 2 M tiles of 128, 3 N tiles
+    (4, 64, False, (2, 600), jnp.float32),  # prefill: dequantized by XLA, XLA's matmul
 ])
 def test_uniform_kernel_matches_reference_interpreted(bits, group_size, symmetric, lead, dtype):
     rng = np.random.default_rng(_seed("gpu kernel", bits, group_size, lead))

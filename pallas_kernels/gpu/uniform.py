@@ -20,6 +20,10 @@ Kernel layout (:func:`relayout`, once per weight, not per call):
   contiguous block), ``bias = s * (2**(bits-1) - z)``; the tile is dequantized as
   ``codes * s + bias`` (one bf16 FMA per weight) and padding has ``s = bias = 0``.
 
+From ``PREFILL_M`` activation rows on (prefill), the weight is instead dequantized to
+bf16 in one XLA pass and multiplied by XLA's matmul (``uniform_matmul``), which is faster
+there than this kernel as it stands.
+
 Grid ``(N_pad / tn, M_pad / tm, split)``: each program owns ``tn`` rows and a ``1/split``
 share of K (split-K, so that a decode step has enough programs to fill 132 SMs), runs a
 ``steps``-deep TMA pipeline over its K tiles of ``tk`` columns, and writes a float32
@@ -51,6 +55,12 @@ from pallas_kernels.compat import gpu_interpret, pl, plgpu
 KG_MAX = 128
 #: Output rows per program (one warpgroup's wgmma M is 64).
 TN = 64
+#: From this many activation rows on, the weight is dequantized to bf16 by XLA (one
+#: elementwise pass) and multiplied by XLA's bf16 matmul: the swap-AB kernel re-reads the
+#: weight per 128-row M tile and its M-major epilogue is slow at prefill sizes. Measured
+#: on an H100 (benchmarks/results/gpu/kernels_gpu_*): at M = 2048 the kernel gives
+#: 0.45x bf16 and this path 0.68-0.77x; at M = 512 the kernel 0.48-0.56x, this 0.44-0.46x.
+PREFILL_M = 1024
 #: Shared memory the pipeline may take (bytes; Hopper allows 227 KiB a block).
 SMEM_BUDGET = 200 * 1024
 
@@ -236,6 +246,13 @@ def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any =
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    if m >= PREFILL_M and tiles is None:
+        wb = (w.codes.astype(jnp.bfloat16)
+              * jnp.repeat(w.scales.T, w.kg, axis=1) + jnp.repeat(w.bias.T, w.kg, axis=1))
+        y = jax.lax.dot_general(jnp.pad(x2.astype(jnp.bfloat16), ((0, 0), (0, k_pad - k))),
+                                wb, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)[:, :n]
+        return y.astype(x.dtype).reshape(*lead, n)
     tm, split, steps = tiles or tiles_for(m, w)
     m_pad = _round_up(m, tm)
     xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, m_pad - m), (0, k_pad - k)))
