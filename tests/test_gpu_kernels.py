@@ -11,17 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant.algorithms.rtn import rtn
-from jaxquant.formats import UniformWeight
 from pallas_kernels.gpu import uniform as gu
 from tests.test_rotation import _seed
-
-
-def _weight(rng: np.random.Generator, n: int, k: int, bits: int, group_size: int | None,
-            symmetric: bool) -> UniformWeight:
-    w = rng.normal(size=(n, k)).astype(np.float32)
-    w[:, rng.integers(0, k)] *= 8.0  # an outlier column: scales differ along K
-    return rtn(jnp.asarray(w), bits=bits, group_size=group_size, symmetric=symmetric)
+from tests.test_tpu_kernels import _weight  # RTN of a weight with an outlier column
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

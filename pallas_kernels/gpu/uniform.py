@@ -50,6 +50,7 @@ import numpy as np
 from jaxquant.formats.uniform import UniformWeight
 from jaxquant.ops import register_linear
 from pallas_kernels.compat import gpu_interpret, pl, plgpu
+from pallas_kernels.reference import dequant_reference
 
 #: Input columns per scale row in the kernel (wgmma K slice per FMA'd sub-tile).
 KG_MAX = 128
@@ -273,10 +274,8 @@ def linear(x: jax.Array, w: GpuUniformWeight) -> jax.Array:
 register_linear(GpuUniformWeight, linear)
 
 
-def reference(x: jax.Array, w: UniformWeight) -> jax.Array:
-    """The jnp reference: ``x @ dequantize(W)^T`` in float32 (HIGHEST precision)."""
-    return jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w.dequantize(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+#: The jnp reference (``x @ dequantize(W)^T``, float32 HIGHEST) the tests compare with.
+reference = dequant_reference
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from jaxquant.formats.codebook import CodebookWeight
 from jaxquant.ops import register_linear
 from pallas_kernels.compat import pl
+from pallas_kernels.reference import dequant_reference
 from pallas_kernels.tpu import common
 
 #: Largest index width the select chain takes (2**6 = 64 selects per element).
@@ -126,10 +127,8 @@ def linear(x: jax.Array, w: TpuCodebookWeight) -> jax.Array:
 register_linear(TpuCodebookWeight, linear)
 
 
-def reference(x: jax.Array, w: CodebookWeight) -> jax.Array:
-    """The jnp reference: ``x @ dequantize(W)^T`` in float32 (HIGHEST precision)."""
-    return jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w.dequantize(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+#: The jnp reference (``x @ dequantize(W)^T``, float32 HIGHEST) the tests compare with.
+reference = dequant_reference
 
 
 def main() -> None:

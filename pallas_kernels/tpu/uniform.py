@@ -31,6 +31,7 @@ from jaxquant.formats import packing
 from jaxquant.formats.uniform import UniformWeight
 from jaxquant.ops import register_linear
 from pallas_kernels.compat import pl
+from pallas_kernels.reference import dequant_reference
 from pallas_kernels.tpu import common
 
 # Re-exported for callers of this module.
@@ -182,10 +183,8 @@ def linear(x: jax.Array, w: TpuUniformWeight) -> jax.Array:
 register_linear(TpuUniformWeight, linear)
 
 
-def reference(x: jax.Array, w: UniformWeight) -> jax.Array:
-    """The jnp reference: ``x @ dequantize(W)^T`` in float32 (HIGHEST precision)."""
-    return jnp.einsum("...k,nk->...n", x.astype(jnp.float32), w.dequantize(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+#: The jnp reference (``x @ dequantize(W)^T``, float32 HIGHEST) the tests compare with.
+reference = dequant_reference
 
 
 def main() -> None:
