@@ -91,11 +91,15 @@ class GpuUniformWeight:
 
     def dequantize(self, dtype: Any = jnp.float32) -> jax.Array:
         """The ``[N, K]`` weight back from the kernel layout (jnp; a test reference)."""
-        s = jnp.repeat(self.scales.astype(jnp.float32).T, self.kg, axis=1)
-        b = jnp.repeat(self.bias.astype(jnp.float32).T, self.kg, axis=1)
-        w = self.codes.astype(jnp.float32) * s + b
         n, k = self.shape
-        return w[:n, :k].astype(dtype)
+        return self.dequantize_padded(jnp.float32)[:n, :k].astype(dtype)
+
+    def dequantize_padded(self, dtype: Any) -> jax.Array:
+        """The padded ``[N_pad, K_pad]`` weight, ``codes * s + bias`` computed in ``dtype``
+        (bf16: what the kernel computes in registers; the prefill path's XLA weight)."""
+        s = jnp.repeat(self.scales.astype(dtype).T, self.kg, axis=1)
+        b = jnp.repeat(self.bias.astype(dtype).T, self.kg, axis=1)
+        return self.codes.astype(dtype) * s + b
 
 
 def eligible(w: Any) -> str | None:
@@ -248,10 +252,8 @@ def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any =
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m >= PREFILL_M and tiles is None:
-        wb = (w.codes.astype(jnp.bfloat16)
-              * jnp.repeat(w.scales.T, w.kg, axis=1) + jnp.repeat(w.bias.T, w.kg, axis=1))
         y = jax.lax.dot_general(jnp.pad(x2.astype(jnp.bfloat16), ((0, 0), (0, k_pad - k))),
-                                wb, (((1,), (1,)), ((), ())),
+                                w.dequantize_padded(jnp.bfloat16), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)[:, :n]
         return y.astype(x.dtype).reshape(*lead, n)
     tm, split, steps = tiles or tiles_for(m, w)
