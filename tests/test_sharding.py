@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -109,6 +111,18 @@ def test_cli_mesh_flag(tiny_hf_dir, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     rows = json.loads(report.read_text())["eval"]["rows"]
     assert all(math.isfinite(r["ppl"]) for r in rows)
+    # With a mesh the float model stays on the host (streamed a block at a time); the
+    # result is the one-device quantization's.
+    code = main([str(a) for a in [*quant, "--json", report, "--force"]])
+    assert code == 0, capsys.readouterr().err
+    again = json.loads(report.read_text())["eval"]["rows"]
+    assert [r["ppl"] for r in again] == pytest.approx([r["ppl"] for r in rows], rel=1e-5)
+    from jaxquant.checkpoints.load import load_model
+
+    on_host, on_device = (load_model(d, dtype="bfloat16", host=h).params for h in (True, False))
+    for a, b in zip(jax.tree.leaves(on_host), jax.tree.leaves(on_device), strict=True):
+        assert isinstance(a, np.ndarray) and a.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def test_distributed_initialize_reads_the_environment():

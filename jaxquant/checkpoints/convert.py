@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +28,8 @@ def hf_name_to_path(name: str) -> str:
 
 
 def params_from_source(
-    source: CheckpointSource, *, dtype: Any = jnp.float32, config: ModelConfig | None = None
+    source: CheckpointSource, *, dtype: Any = jnp.float32, config: ModelConfig | None = None,
+    host: bool = False,
 ) -> tuple[ModelConfig, Params]:
     """Reads every tensor of ``source`` into a parameter pytree of ``dtype``.
 
@@ -37,6 +37,8 @@ def params_from_source(
       source: The checkpoint.
       dtype: Parameter dtype (float32 for exact evaluation, bfloat16 to halve memory).
       config: Overrides the config translated from ``source.hf_config``.
+      host: Keep the tensors as host NumPy arrays instead of device arrays (a model larger
+        than one device, for layer-streaming quantization on a mesh).
 
     Raises:
       CheckpointError: a tensor that is missing, unexpected, of the wrong shape, or
@@ -44,7 +46,7 @@ def params_from_source(
     """
     cfg = config or from_hf_config(source.hf_config)
     expected = flatten(abstract_params(cfg, dtype))
-    out: dict[str, jax.Array] = {}
+    out: dict[str, Any] = {}
     for name, array in source.tensors():
         path = hf_name_to_path(name)
         if path not in expected:
@@ -60,10 +62,12 @@ def params_from_source(
                 f"{source.path}: tensor {name!r} has shape {tuple(array.shape)} but the config "
                 f"implies {tuple(want)}"
             )
-        host = np.asarray(array)
-        if not np.isfinite(host.astype(np.float32) if host.dtype.itemsize < 4 else host).all():
+        value = np.asarray(array)
+        if not np.isfinite(value.astype(np.float32) if value.dtype.itemsize < 4
+                           else value).all():
             raise CheckpointError(f"{source.path}: tensor {name!r} contains NaN or Inf values")
-        out[path] = jnp.asarray(host, dtype=dtype)
+        out[path] = (value.astype(np.dtype(dtype), copy=False) if host
+                     else jnp.asarray(value, dtype=dtype))
     missing = sorted(set(expected) - set(out))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

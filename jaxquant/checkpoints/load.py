@@ -89,12 +89,17 @@ def open_source(spec: str | Path) -> CheckpointSource:
     return read_hf_dir(path)
 
 
-def load_model(spec: str | Path, *, dtype: str = "float32", kernels: bool = True) -> Model:
+def load_model(spec: str | Path, *, dtype: str = "float32", kernels: bool = True,
+               host: bool = False) -> Model:
     """Loads ``spec`` (see module docstring) with parameters of ``dtype``.
 
     A quantized jaxquant checkpoint's weights are re-laid out for the backend's Pallas
     kernels when there are any (:func:`jaxquant.backends.prepare`); ``kernels=False``
     keeps the formats (the jnp path, and what ``quantize``/``convert`` need).
+    ``host=True`` keeps a float model's parameters as host NumPy arrays, so that a model
+    larger than one device can be quantized with layer streaming on a mesh
+    (:class:`jaxquant.calibration.Calibration` with ``stream=True``); a jaxquant
+    checkpoint is loaded onto the device either way.
 
     Raises:
       JaxquantError: the model cannot be found, read, or is not supported.
@@ -115,7 +120,7 @@ def load_model(spec: str | Path, *, dtype: str = "float32", kernels: bool = True
             source_format="jaxquant",
         )
     source = open_source(spec)
-    config, params = params_from_source(source, dtype=DTYPES[dtype])
+    config, params = params_from_source(source, dtype=DTYPES[dtype], host=host)
     return Model(
         config=config,
         params=params,

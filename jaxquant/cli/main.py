@@ -338,7 +338,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             print(f"warning: calibrating on the evaluation text ({args.calib}): the "
                   "perplexity will be optimistic (calibrate on kjv-nt and evaluate on "
                   "kjv-ot, or on disjoint files)", file=sys.stderr)
-    model = load_model(args.model, dtype=args.dtype, kernels=False)
+    # With a mesh the float model stays in host memory and calibration streams one block
+    # at a time to the devices: the model may be larger than one device.
+    model = load_model(args.model, dtype=args.dtype, kernels=False, host=mesh is not None)
     check_transform(model.params, model.config, tcfg)
     specs, unused = recipe.plan(_paths(model.params)) if recipe else ({}, [])
     if recipe is not None and not specs:
