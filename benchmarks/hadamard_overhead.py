@@ -18,12 +18,16 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timing import wall_us
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.transformer import decode_step, forward, init_cache, init_params
 from jaxquant.transforms.hadamard import hadamard_transform
@@ -35,17 +39,6 @@ def llama2_7b(layers: int) -> ModelConfig:
     return ModelConfig(family="llama", vocab_size=32000, hidden_size=4096,
                        intermediate_size=11008, num_layers=layers, num_heads=32,
                        num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5)
-
-
-def timed(fn, *args, repeats: int) -> float:
-    """Median seconds of ``fn(*args)`` after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -66,8 +59,8 @@ def main() -> None:
     for shape in args.prefill.split(","):
         b, t = (int(v) for v in shape.split("x"))
         tokens = jnp.zeros((b, t), jnp.int32) + jnp.arange(t, dtype=jnp.int32) % 31999
-        base = timed(fwd, params, cfg, tokens, repeats=args.repeats)
-        had = timed(fwd, params, on, tokens, repeats=args.repeats)
+        base = wall_us(fwd, params, cfg, tokens, runs=args.repeats) / 1e6
+        had = wall_us(fwd, params, on, tokens, runs=args.repeats) / 1e6
         rows.append({"case": f"prefill forward B={b} T={t}", "base_ms": 1e3 * base,
                      "online_ms": 1e3 * had, "overhead": had / base - 1})
         print(rows[-1], flush=True)
@@ -93,8 +86,8 @@ def main() -> None:
     # The transform alone, against the down_proj matmul it precedes.
     x = jax.random.normal(jax.random.key(0), (2048, cfg.intermediate_size), jnp.bfloat16)
     w = params["layers"][0]["mlp"]["down_proj"]["weight"]
-    t_had = timed(jax.jit(hadamard_transform), x, repeats=args.repeats)
-    t_mm = timed(jax.jit(lambda a, b: a @ b.T), x, w, repeats=args.repeats)
+    t_had = wall_us(jax.jit(hadamard_transform), x, runs=args.repeats) / 1e6
+    t_mm = wall_us(jax.jit(lambda a, b: a @ b.T), x, w, runs=args.repeats) / 1e6
     rows.append({"case": "2048 x 11008 bf16: Hadamard alone vs the down_proj matmul",
                  "base_ms": 1e3 * t_mm, "online_ms": 1e3 * (t_mm + t_had),
                  "overhead": t_had / t_mm})

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,29 +29,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import device_us  # noqa: E402
 from jaxquant.algorithms.rtn import rtn  # noqa: E402
 from pallas_kernels.gpu import uniform as gu  # noqa: E402
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 MS = (1, 4, 16, 64, 512, 2048)
-
-
-def device_us(fn, args_sets: list[tuple], iterations: int = 10) -> float:
-    """Median device time of one call, over ``iterations`` runs of all ``args_sets``."""
-    f = jax.jit(lambda sets: [fn(*a) for a in sets])
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-
-        _, ts = profiler.measure(f, iterations=iterations)(args_sets)
-        return statistics.median(ts) * 1e3 / len(args_sets)
-    except Exception:  # no CUPTI: wall clock after a warm-up
-        jax.block_until_ready(f(args_sets))
-        ts = []
-        for _ in range(iterations):
-            t = time.perf_counter()
-            jax.block_until_ready(f(args_sets))
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts) * 1e6 / len(args_sets)
 
 
 def copy_gbps() -> float:
