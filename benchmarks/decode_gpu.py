@@ -85,6 +85,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.configs import llama2_7b, tiny_llama  # noqa: E402
 from benchmarks.timing import device_us, wall_samples_us  # noqa: E402
 from jaxquant.algorithms.gptq import binary_params  # noqa: E402
 from jaxquant.algorithms.rtn import rtn  # noqa: E402
@@ -111,18 +112,8 @@ def is_block_linear(path: str) -> bool:
 # Configs and weight types
 
 
-def llama2_7b(layers: int) -> ModelConfig:
-    """The Llama-2-7B architecture with ``layers`` blocks (as ``sharded_eval.py``)."""
-    return ModelConfig(family="llama", vocab_size=32000, hidden_size=4096,
-                       intermediate_size=11008, num_layers=layers, num_heads=32,
-                       num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5)
 
 
-def tiny(layers: int) -> ModelConfig:
-    """A small Llama (hidden 256, FFN 512, 4 heads of 64, vocab 512) for CPU smoke tests."""
-    return ModelConfig(family="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                       num_layers=layers, num_heads=4, num_kv_heads=4, head_dim=64,
-                       rms_norm_eps=1e-5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,7 +637,7 @@ def self_test_mixed(cfg: ModelConfig, seed: int, bits: int, moved: float) -> flo
 
 def main(args: argparse.Namespace) -> int:
     """Builds each weight type, measures every batch, writes the report."""
-    cfg = tiny(args.layers) if args.tiny else llama2_7b(args.layers)
+    cfg = tiny_llama(args.layers) if args.tiny else llama2_7b(args.layers)
     dtype = jnp.bfloat16
     types = parse_bits(args.bits, args.mixed_bits)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]

@@ -27,18 +27,14 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.configs import llama2_7b
 from benchmarks.timing import wall_us
-from jaxquant.models.config import ModelConfig
 from jaxquant.models.transformer import decode_step, forward, init_cache, init_params
 from jaxquant.transforms.hadamard import hadamard_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def llama2_7b(layers: int) -> ModelConfig:
-    return ModelConfig(family="llama", vocab_size=32000, hidden_size=4096,
-                       intermediate_size=11008, num_layers=layers, num_heads=32,
-                       num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5)
 
 
 def main() -> None:

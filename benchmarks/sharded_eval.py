@@ -86,6 +86,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from benchmarks.configs import llama2_7b, tiny_llama  # noqa: E402
 from jaxquant import sharding  # noqa: E402
 from jaxquant.calibration import Calibration  # noqa: E402
 from jaxquant.eval import evaluate_perplexity  # noqa: E402
@@ -95,20 +96,6 @@ from jaxquant.models.config import ModelConfig  # noqa: E402
 from jaxquant.params import flatten, unflatten  # noqa: E402
 from jaxquant.quantize import quantize  # noqa: E402
 from jaxquant.recipes import QuantSpec, Recipe  # noqa: E402
-
-
-def llama2_7b(layers: int) -> ModelConfig:
-    """The Llama-2-7B architecture with ``layers`` blocks."""
-    return ModelConfig(family="llama", vocab_size=32000, hidden_size=4096,
-                       intermediate_size=11008, num_layers=layers, num_heads=32,
-                       num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5)
-
-
-def tiny(layers: int) -> ModelConfig:
-    """A small Llama whose linears split over 2 and 4 devices at whole packing words."""
-    return ModelConfig(family="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                       num_layers=layers, num_heads=4, num_kv_heads=4, head_dim=64,
-                       rms_norm_eps=1e-5)
 
 
 def host_params(cfg: ModelConfig, dtype: Any, seed: int = 0) -> dict:
@@ -169,7 +156,7 @@ def _gib(n: int | None) -> str:
 
 def run_eval(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
     """Parts (a) and (b)."""
-    cfg = tiny(args.eval_layers) if args.tiny else llama2_7b(args.eval_layers)
+    cfg = tiny_llama(args.eval_layers) if args.tiny else llama2_7b(args.eval_layers)
     params = host_params(cfg, dtype)
     start = time.perf_counter()
     qparams = jax.device_get(quantize(params, Recipe.uniform(QuantSpec(bits=4,
@@ -219,7 +206,7 @@ def run_eval(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
 
 def run_quantize(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
     """Part (c)."""
-    cfg = tiny(args.quant_layers) if args.tiny else llama2_7b(args.quant_layers)
+    cfg = tiny_llama(args.quant_layers) if args.tiny else llama2_7b(args.quant_layers)
     start = time.perf_counter()
     params = host_params(cfg, dtype, seed=2)
     build_s = time.perf_counter() - start
