@@ -65,11 +65,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -86,6 +84,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.configs import llama2_7b, tiny_llama  # noqa: E402
+from benchmarks.report import environment  # noqa: E402
 from benchmarks.timing import device_us, wall_samples_us  # noqa: E402
 from jaxquant.algorithms.gptq import binary_params  # noqa: E402
 from jaxquant.algorithms.rtn import rtn  # noqa: E402
@@ -472,21 +471,8 @@ def measure(params: Params, ref: Params | None, cfg: ModelConfig, batch: int,
 # Report
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
-def environment() -> dict[str, Any]:
-    """Device, versions and machine of this run."""
-    d = jax.devices()[0]
-    return {"device": f"{d.device_kind} ({jax.default_backend()})",
-            "device_kind": d.device_kind, "backend": jax.default_backend(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "jaxlib": _version("jaxlib"), "flax": _version("flax"),
-            "numpy": np.__version__}
 
 
 def _gb(n: int | None) -> str:

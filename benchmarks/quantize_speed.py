@@ -66,9 +66,6 @@ import importlib.metadata
 import inspect
 import itertools
 import json
-import os
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -81,6 +78,10 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import report as bench_report  # noqa: E402
+from benchmarks.report import host_max_rss_bytes  # noqa: E402
+
 _HI = jax.lax.Precision.HIGHEST
 
 #: Distinct linear shapes ``(layers, out, in)`` of one Llama-2-7B block.
@@ -136,33 +137,14 @@ def device_memory() -> dict[str, int] | None:
     return {k: int(stats[k]) for k in keys if k in stats}
 
 
-def host_max_rss_bytes() -> int:
-    """Maximum resident set size of this process (Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _version(module: str) -> str | None:
-    try:
-        return importlib.metadata.version(module)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def environment() -> dict[str, Any]:
-    """Device, versions and machine of this run."""
-    device = jax.devices()[0]
-    return {
-        "device": f"{device.device_kind} x{jax.device_count()} ({jax.default_backend()})",
-        "backend": jax.default_backend(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "flax": _version("flax"),
-        "numpy": np.__version__,
-        "qwix": _version("qwix"),
-        "jaxquant_git": _git_head(),
-    }
+    """Device, versions and machine of this run, with qwix's version and our commit."""
+    return {**bench_report.environment(), "qwix": bench_report.package_version("qwix"),
+            "jaxquant_git": _git_head()}
 
 
 def _git_head() -> str | None:

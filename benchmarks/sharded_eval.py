@@ -36,12 +36,9 @@ Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/gpu/sharded
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -87,6 +84,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from benchmarks.configs import llama2_7b, tiny_llama  # noqa: E402
+from benchmarks.report import environment, host_max_rss_bytes  # noqa: E402
 from jaxquant import sharding  # noqa: E402
 from jaxquant.calibration import Calibration  # noqa: E402
 from jaxquant.eval import evaluate_perplexity  # noqa: E402
@@ -128,26 +126,10 @@ def device_peaks() -> list[int] | None:
     return out
 
 
-def host_max_rss() -> int:
-    """Maximum resident set size of this process, bytes (Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
-def environment() -> dict[str, Any]:
-    """Device, versions and machine of this run."""
-    d = jax.devices()[0]
-    return {"device": f"{d.device_kind} x{jax.device_count()} ({jax.default_backend()})",
-            "backend": jax.default_backend(), "devices": jax.device_count(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "jaxlib": _version("jaxlib"), "flax": _version("flax"),
-            "numpy": np.__version__}
 
 
 def _gib(n: int | None) -> str:
@@ -177,19 +159,14 @@ def run_eval(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
                                    mesh=mesh)
 
     one = score(devices[:1], sharding.MeshConfig(data=1))
-    rows = []
-    counts = sorted({1 << i for i in range(int(math.log2(n)) + 1)} | {n})
-    for k in counts:
-        r = one if k == 1 else score(devices[:k], sharding.MeshConfig(data=k))
-        rows.append({"devices": k, "mesh": r.mesh, "ppl": r.ppl,
-                     "tokens_per_second": r.tokens_per_second,
-                     "compile_seconds": r.compile_seconds, "seconds": r.seconds,
-                     "max_rel_window_diff": float(np.max(np.abs(
-                         np.asarray(r.window_nll) / np.asarray(one.window_nll) - 1))),
-                     "identical": r.ppl == one.ppl})
+    meshes = [(k, sharding.MeshConfig(data=k))
+              for k in sorted({1 << i for i in range(int(math.log2(n)) + 1)} | {n})]
     if n >= 2 and n % 2 == 0:
-        r = score(devices, sharding.MeshConfig(data=n // 2, model=2))
-        rows.append({"devices": n, "mesh": r.mesh, "ppl": r.ppl,
+        meshes.append((n, sharding.MeshConfig(data=n // 2, model=2)))
+    rows = []
+    for k, mesh_cfg in meshes:
+        r = one if k == 1 else score(devices[:k], mesh_cfg)
+        rows.append({"devices": k, "mesh": r.mesh, "ppl": r.ppl,
                      "tokens_per_second": r.tokens_per_second,
                      "compile_seconds": r.compile_seconds, "seconds": r.seconds,
                      "max_rel_window_diff": float(np.max(np.abs(
@@ -210,7 +187,7 @@ def run_quantize(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
     start = time.perf_counter()
     params = host_params(cfg, dtype, seed=2)
     build_s = time.perf_counter() - start
-    rss_model = host_max_rss()
+    rss_model = host_max_rss_bytes()
     mesh = sharding.make_mesh(None, jax.local_devices())
     calib_windows = np.random.default_rng(3).integers(
         0, cfg.vocab_size, (args.calib_windows, args.calib_seq_len)).astype(np.int32)
@@ -232,7 +209,7 @@ def run_quantize(args: argparse.Namespace, dtype: Any) -> dict[str, Any]:
             "projected_32_block_seconds": seconds / cfg.num_layers * 32,
             "float_bytes": tree_nbytes(params), "block_bytes": int(block),
             "quantized_bytes": tree_nbytes(qparams), "result_on_host": on_host,
-            "host_max_rss_after_model": rss_model, "host_max_rss": host_max_rss(),
+            "host_max_rss_after_model": rss_model, "host_max_rss": host_max_rss_bytes(),
             "device_peak_bytes": peaks,
             "mean_relative_error": float(np.mean([s["relative_error"]
                                                   for s in stats["layers"].values()]))}
