@@ -69,6 +69,15 @@ def register_linear(weight_type: type, impl: LinearImpl) -> None:
     _LINEAR[weight_type] = impl
 
 
+def register_kernel(weight_type: type, matmul: Callable[..., jax.Array], *,
+                    platform: str) -> None:
+    """Routes ``linear(x, w)`` for a kernel-layout ``weight_type`` to a Pallas kernel,
+    ``matmul(x, w, interpret=...)``: compiled on ``platform`` (``"gpu"``, ``"tpu"``), run
+    in the Pallas interpreter elsewhere (weights prepared for that platform, as in tests)."""
+    register_linear(weight_type, lambda x, w: matmul(
+        x, w, interpret=jax.default_backend() != platform))
+
+
 def register_embedding(weight_type: type, impl: EmbedImpl) -> None:
     """Routes ``embedding_lookup(w, ids, dtype)`` for ``weight_type`` to ``impl``."""
     _EMBED[weight_type] = impl

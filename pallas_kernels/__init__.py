@@ -10,6 +10,7 @@
 
 Each kernel module has ``eligible``, ``relayout`` (the kernel layout, built once), a
 jnp ``reference`` and a ``main()`` benchmark, and registers its layout type with
-:func:`jaxquant.ops.register_linear`; :func:`jaxquant.backends.prepare` converts a
+:func:`jaxquant.ops.register_kernel` (compiled on its platform, interpreted elsewhere);
+:func:`jaxquant.backends.prepare` converts a
 model's weights for the backend.
 """

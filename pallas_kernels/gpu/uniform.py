@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.formats.uniform import UniformWeight
-from jaxquant.ops import register_linear
+from jaxquant.ops import register_kernel
 from pallas_kernels.compat import gpu_interpret, pl, plgpu
 from pallas_kernels.reference import dequant_reference
 
@@ -267,13 +267,7 @@ def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any =
     return y.astype(x.dtype).reshape(*lead, n)
 
 
-def linear(x: jax.Array, w: GpuUniformWeight) -> jax.Array:
-    """:func:`jaxquant.ops.linear` for kernel-layout weights: the kernel on a GPU, the
-    Pallas GPU interpreter elsewhere (weights prepared for a GPU, e.g. in tests)."""
-    return uniform_matmul(x, w, interpret=jax.default_backend() != "gpu")
-
-
-register_linear(GpuUniformWeight, linear)
+register_kernel(GpuUniformWeight, uniform_matmul, platform="gpu")
 
 
 #: The jnp reference (``x @ dequantize(W)^T``, float32 HIGHEST) the tests compare with.

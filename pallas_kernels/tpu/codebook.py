@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.formats.codebook import CodebookWeight
-from jaxquant.ops import register_linear
+from jaxquant.ops import register_kernel
 from pallas_kernels.compat import pl
 from pallas_kernels.reference import dequant_reference
 from pallas_kernels.tpu import common
@@ -119,12 +119,7 @@ def codebook_matmul(x: jax.Array, w: TpuCodebookWeight, *, interpret: bool | Any
         bn=bn, bk=bk, bits=w.bits, extra_tile_bytes=4 * bk * 128, interpret=interpret)
 
 
-def linear(x: jax.Array, w: TpuCodebookWeight) -> jax.Array:
-    """:func:`jaxquant.ops.linear` for kernel-layout weights (interpreted off-TPU)."""
-    return codebook_matmul(x, w, interpret=jax.default_backend() != "tpu")
-
-
-register_linear(TpuCodebookWeight, linear)
+register_kernel(TpuCodebookWeight, codebook_matmul, platform="tpu")
 
 
 #: The jnp reference (``x @ dequantize(W)^T``, float32 HIGHEST) the tests compare with.

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxquant.formats import packing
 from jaxquant.formats.uniform import UniformWeight
-from jaxquant.ops import register_linear
+from jaxquant.ops import register_kernel
 from pallas_kernels.compat import pl
 from pallas_kernels.reference import dequant_reference
 from pallas_kernels.tpu import common
@@ -174,13 +174,7 @@ def uniform_matmul(x: jax.Array, w: TpuUniformWeight, *, interpret: bool | Any =
         interpret=interpret)
 
 
-def linear(x: jax.Array, w: TpuUniformWeight) -> jax.Array:
-    """:func:`jaxquant.ops.linear` for kernel-layout weights: the kernel on a TPU, the
-    Pallas TPU interpreter elsewhere (weights prepared for a TPU, e.g. in tests)."""
-    return uniform_matmul(x, w, interpret=jax.default_backend() != "tpu")
-
-
-register_linear(TpuUniformWeight, linear)
+register_kernel(TpuUniformWeight, uniform_matmul, platform="tpu")
 
 
 #: The jnp reference (``x @ dequantize(W)^T``, float32 HIGHEST) the tests compare with.
