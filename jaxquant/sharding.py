@@ -65,7 +65,7 @@ from jaxquant.formats.codebook import CodebookWeight
 from jaxquant.formats.mixed import MixedWeight
 from jaxquant.formats.outliers import OutlierWeight
 from jaxquant.formats.uniform import UniformWeight, num_groups
-from jaxquant.params import flatten
+from jaxquant.params import flatten, unflatten
 
 #: The mesh axes, in order.
 AXES = ("data", "model")
@@ -267,22 +267,9 @@ def _leaf_layout(path: str, leaf: Any, mesh: Mesh) -> tuple[Any, str]:
     return jax.tree.map(lambda _: replicated, leaf), "replicated"
 
 
-def _dotted(keypath: tuple[Any, ...]) -> str:
-    """A pytree key path as a parameter path, ``layers.0.mlp.up_proj.weight``."""
-    parts = []
-    for key in keypath:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return ".".join(parts)
-
-
 def _map_params(fn: Any, params: Mapping[Any, Any]) -> Any:
     """``fn(path, leaf)`` over the parameters (a quantized weight is one leaf)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: fn(_dotted(kp), leaf), dict(params),
-        is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    return unflatten({path: fn(path, leaf) for path, leaf in flatten(params).items()})
 
 
 def param_shardings(params: Mapping[Any, Any], mesh: Mesh) -> dict[Any, Any]:
