@@ -5,12 +5,20 @@ For Llama-2-7B shapes (4096x4096, 11008x4096, 4096x11008) x M in {1, 4, 16, 64, 
 time, all kernels of the call including the split-K sum; weight sets rotated so that
 they do not stay in the 50 MB L2), effective bandwidth (bytes of codes + scales +
 activations + output / time), its fraction of the copy bandwidth measured in the same
-run, and speedups over XLA's bf16 matmul and over the jnp dequantize-then-matmul path
-(``UniformWeight.linear``) timed the same way. ``--check`` first compares every kernel
-configuration with the float32 reference on fresh random inputs (relative Frobenius
-error; bf16 operands give 1e-3..1e-2) and fails on NaN or error above 2e-2.
+run, and speedups over XLA's bf16 matmul, over the jnp dequantize-then-matmul path
+(``UniformWeight.linear``) and over qwix's int4 weight-only PTQ matmul (``qwix.quantize``
+int4 with 128-row tiles, ``qwix.dot_general``; when qwix is importable) timed the same
+way. Up to ``DECODE_M`` rows the decode kernel runs, above it the warp-specialized wide
+kernel (``pallas_kernels/gpu/uniform_wide.py``); the table says which, with its tiles.
+``--check`` first compares every kernel configuration with the float32 reference on
+fresh random inputs (relative Frobenius error; bf16 operands give 1e-3..1e-2) and fails
+on NaN or error above 2e-2.
 
-    python benchmarks/kernels_gpu.py [--check] [--quick] [--out benchmarks/results/gpu]
+    python benchmarks/kernels_gpu.py [--check] [--quick] [--bits 4 8] [--ms 1 16]
+        [--out benchmarks/results/gpu]
+
+qwix is pure Python: ``pip install --no-deps --target /tmp/qwix qwix-*.whl`` and
+``PYTHONPATH=/tmp/qwix:.`` make it importable on a machine without a package index.
 
 Writes ``kernels_gpu_<device>.json`` and ``.md``.
 """
@@ -21,6 +29,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +38,42 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import package_version  # noqa: E402
 from benchmarks.timing import device_us  # noqa: E402
 from jaxquant.algorithms.rtn import rtn  # noqa: E402
 from pallas_kernels.gpu import uniform as gu  # noqa: E402
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 MS = (1, 4, 16, 64, 512, 2048)
+
+
+def kernel_tiles(m: int, g: gu.GpuUniformWeight) -> dict:
+    """Which kernel :func:`gu.uniform_matmul` runs for ``m`` rows, with its tiles."""
+    if m > gu.DECODE_M:
+        n_pad, k_pad = g.padded
+        container = 4 if g.codes.dtype == jnp.int4 else 8
+        tt, tk, split, steps = gu.uniform_wide.tiles_for(m, n_pad, g.shape[1], k_pad, g.kg,
+                                                         container)
+        return dict(kernel="wide", tt=tt, tk=tk, split=split, steps=steps)
+    tm, split, steps = gu.tiles_for(m, g)
+    return dict(kernel="decode", tm=tm, tk=g.tk, split=split, steps=steps)
+
+
+def qwix_matmul() -> Any:
+    """``(quantize(w [N, K]) -> q, matmul(x, q))`` of qwix's int4 PTQ, or ``None``."""
+    try:
+        import qwix
+    except ImportError:
+        return None
+
+    def quantize(w: jax.Array) -> Any:
+        return qwix.quantize(w.T.astype(jnp.bfloat16), jnp.int4, channelwise_axes=(1,),
+                             tiled_axes={0: 128}, scale_dtype=jnp.bfloat16)
+
+    def matmul(x: jax.Array, q: Any) -> jax.Array:
+        return qwix.dot_general(x, q, (((1,), (0,)), ((), ())))
+
+    return quantize, matmul
 
 
 def copy_gbps() -> float:
@@ -64,7 +103,7 @@ def check(rng: np.random.Generator) -> list[dict]:
             err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
             ok = bool(np.isfinite(y).all() and err < 2e-2)
             rows.append(dict(n=n, k=k, bits=bits, group=group, symmetric=sym, m=m, rel_err=err,
-                             ok=ok, tiles=gu.tiles_for(m, gw)))
+                             ok=ok, tiles=kernel_tiles(m, gw)))
             print(f"check {n}x{k} {bits}-bit g{group} M={m}: rel err {err:.1e} "
                   f"{'ok' if ok else 'FAIL'}", flush=True)
     return rows
@@ -81,13 +120,24 @@ def write(out: Path, meta: dict, checks: list, rows: list, kind: str, echo: bool
              f"Measured in the same run: copy {meta['copy_gbps']:.0f} GB/s (read + write), "
              f"bf16 8192^3 matmul {meta['bf16_tflops']:.0f} TFLOP/s. Times: CUPTI device time "
              "of the whole call (kernel + split-K sum), median of 10, weight sets rotated past L2. "
-             "Widths 1..3 are held in the 4-bit container for now (they move 4-bit bytes).", "",
-             "| N x K | bits | M | us | GB/s | of copy | bf16 us | x bf16 | jnp us | x jnp |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Widths 1..3 are held in the 4-bit container for now (they move 4-bit bytes). "
+             "Kernel: `decode` (pallas_kernels/gpu/uniform.py, tiles tm/split) up to M = "
+             f"{gu.DECODE_M}, `wide` (uniform_wide.py, tiles tt/tk/split) above. qwix: "
+             f"{meta.get('qwix') or 'not installed'}, int4 weight-only g128 "
+             "(`qwix.quantize` + `qwix.dot_general`).", "",
+             "| N x K | bits | M | kernel | us | GB/s | of copy | bf16 us | x bf16 | jnp us "
+             "| x jnp | qwix us | x qwix |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['m']} | {r['us']:.1f} | "
-                     f"{r['gbps']:.0f} | {r['copy_frac']:.0%} | {r['bf16_us']:.1f} | "
-                     f"{r['speedup_bf16']:.2f} | {r['jnp_us']:.1f} | {r['speedup_jnp']:.2f} |")
+        t = r["tiles"]
+        tiles = (f"wide {t['tt']}/{t['tk']}/{t['split']}" if t["kernel"] == "wide"
+                 else f"decode {t['tm']}/{t['split']}")
+        qw = (f"{r['qwix_us']:.1f} | {r['speedup_qwix']:.2f}" if r.get("qwix_us")
+              else "– | –")
+        lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['m']} | {tiles} | "
+                     f"{r['us']:.1f} | {r['gbps']:.0f} | {r['copy_frac']:.0%} | "
+                     f"{r['bf16_us']:.1f} | {r['speedup_bf16']:.2f} | {r['jnp_us']:.1f} | "
+                     f"{r['speedup_jnp']:.2f} | {qw} |")
     if checks:
         bad = [c for c in checks if not c["ok"]]
         lines += ["", f"Device check: {len(checks) - len(bad)}/{len(checks)} configurations "
@@ -110,8 +160,10 @@ def main() -> None:
         return
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
+    qx = qwix_matmul()
     meta = dict(device=dev.device_kind, jax=jax.__version__, copy_gbps=copy_gbps(),
-                bf16_tflops=bf16_tflops())
+                bf16_tflops=bf16_tflops(), decode_m=gu.DECODE_M,
+                qwix=package_version("qwix") if qx else None)
     print(meta, flush=True)
     checks = check(rng) if args.check else []
     widths = args.bits or ((4,) if args.quick else (4, 3, 2, 8))
@@ -124,11 +176,13 @@ def main() -> None:
         for bits in widths:
             ws = [rtn(wf + i, bits=bits, group_size=128, symmetric=False) for i in range(reps)]
             gws = [gu.relayout(w) for w in ws]
+            qws = [qx[0](wf + i) for i in range(reps)] if qx and bits == 4 else None
             for m in ms:
                 x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
                 t_bf16 = device_us(lambda x, w: x @ w.T, [(x, w) for w in bf])
                 t_jnp = device_us(lambda x, w: w.linear(x), [(x, w) for w in ws])
                 t_q = device_us(gu.uniform_matmul, [(x, g) for g in gws])
+                t_qwix = device_us(qx[1], [(x, q) for q in qws]) if qws else None
                 g = gws[0]
                 byts = (g.codes.size * (4 if bits <= 4 else 8) / 8 + 2 * g.scales.nbytes
                         + 2 * m * k + 2 * m * n)
@@ -136,7 +190,8 @@ def main() -> None:
                 row = dict(n=n, k=k, bits=bits, m=m, us=t_q, bf16_us=t_bf16, jnp_us=t_jnp,
                            gbps=bw, copy_frac=bw / meta["copy_gbps"],
                            speedup_bf16=t_bf16 / t_q, speedup_jnp=t_jnp / t_q,
-                           tiles=gu.tiles_for(m, g), stored_bits=bits if bits > 4 else 4)
+                           qwix_us=t_qwix, speedup_qwix=t_qwix / t_q if t_qwix else None,
+                           tiles=kernel_tiles(m, g), stored_bits=bits if bits > 4 else 4)
                 rows.append(row)
                 print(f"{n}x{k} {bits}-bit M={m}: {t_q:.1f} us ({bw:.0f} GB/s, "
                       f"{row['copy_frac']:.0%} of copy) bf16 {t_bf16:.1f} us "

@@ -1,8 +1,8 @@
 """GPU (Mosaic GPU, Hopper) Pallas kernels, verified without a GPU: the Pallas GPU
 interpreter against the jnp reference, and Mosaic GPU lowering for CUDA (the register
-path and transposed activation view the interpreter does not implement; see
-``pallas_kernels/gpu/uniform.py``). ``benchmarks/kernels_gpu.py --check`` runs the same
-comparisons compiled on a real GPU."""
+path, transposed activation views and transposed output stores the interpreter does not
+implement; see ``pallas_kernels/gpu/uniform.py`` and ``uniform_wide.py``).
+``benchmarks/kernels_gpu.py --check`` runs the same comparisons compiled on a real GPU."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_relayout_round_trips_every_width_and_grouping(bits):
         # bf16 scales and biases: the kernel's own rounding, nothing more
         np.testing.assert_allclose(got, want, rtol=0, atol=2 ** -7 * np.abs(want).max())
         n_pad, k_pad = gw.padded
-        assert n_pad % gu.TN == 0 and k_pad % (gw.tk * gw.max_split) == 0
+        assert n_pad % gu.N_ALIGN == 0 and k_pad % (gw.tk * gw.max_split) == 0
         assert gw.codes.dtype == (jnp.int4 if bits <= 4 else jnp.int8)
         codes = np.asarray(gw.codes.astype(jnp.int32))
         assert codes.min() >= -(2 ** (bits - 1)) and codes.max() < 2 ** (bits - 1)
@@ -52,8 +52,8 @@ def test_ineligible_weights_say_why():
     (4, 128, False, (1,), jnp.float32),  # decode: tm 8, split-K 2
     (3, 64, True, (3, 5), jnp.float32),  # 15 rows: tm 16, 64-column kernel groups
     (8, None, False, (20,), jnp.bfloat16),  # int8 codes, per channel, tm 64
-    (2, 128, False, (130,), jnp.float32),  # 2 M tiles of 128, 3 N tiles
-    (4, 64, False, (2, 600), jnp.float32),  # prefill: dequantized by XLA, XLA's matmul
+    (2, 128, False, (130,), jnp.float32),  # wide kernel: 2 M tiles of 128, split-K
+    (4, 64, False, (2, 520), jnp.float32),  # wide kernel, prefill: M tiles of 256
 ])
 def test_uniform_kernel_matches_reference_interpreted(bits, group_size, symmetric, lead, dtype):
     rng = np.random.default_rng(_seed("gpu kernel", bits, group_size, lead))
@@ -71,11 +71,12 @@ def test_uniform_kernel_matches_reference_interpreted(bits, group_size, symmetri
     assert rel < 1e-2, rel
 
 
-def test_nan_activations_propagate_and_other_rows_stay_exact():
-    rng = np.random.default_rng(_seed("gpu nan"))
+@pytest.mark.parametrize("m", [4, 66])  # the decode kernel, the wide kernel
+def test_nan_activations_propagate_and_other_rows_stay_exact(m):
+    rng = np.random.default_rng(_seed("gpu nan", m))
     w = _weight(rng, 64, 256, 4, 128, False)
     gw = gu.relayout(w)
-    x = np.asarray(rng.normal(size=(4, 256)), np.float32)
+    x = np.asarray(rng.normal(size=(m, 256)), np.float32)
     x[2, 17] = np.nan
     y = np.asarray(gu.uniform_matmul(jnp.asarray(x), gw, interpret=True))
     assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, 0)).all()
@@ -83,26 +84,63 @@ def test_nan_activations_propagate_and_other_rows_stay_exact():
     assert np.linalg.norm(np.delete(y, 2, 0) - ref) / np.linalg.norm(ref) < 1e-2
 
 
+@pytest.mark.parametrize("wide_tiles,bits,group_size,k,m", [
+    ((128, 128, 2, 2), 4, 128, 1024, 70),  # split-K partials summed in XLA
+    ((64, 64, 1, 2), 8, 128, 576, 40),  # int8; 64-column steps on 128-column scale rows
+    ((256, 64, 1, 3), 3, 64, 448, 300),  # 64-column kernel groups, K = 7 steps
+])
+def test_wide_kernel_forced_tiles_match_reference(wide_tiles, bits, group_size, k, m):
+    """The wide kernel's tile variants, interpreted (M, N, K not multiples of the tiles)."""
+    rng = np.random.default_rng(_seed("gpu wide", wide_tiles, bits, k, m))
+    w = _weight(rng, 200, k, bits, group_size, False)
+    gw = gu.relayout(w)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    got = np.asarray(gu.uniform_matmul(x, gw, interpret=True, wide_tiles=wide_tiles))
+    ref = np.asarray(gu.reference(x, w))
+    assert got.shape == (m, 200) and np.isfinite(got).all()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_wide_tiles_fill_the_sms_and_fit_the_layout():
+    for m, n, k, group in ((70, 4096, 4096, 128), (512, 1408, 4096, 128),
+                           (2048, 512, 2752, 128), (300, 576, 1536, 64), (130, 200, 576, 128)):
+        gw = gu.relayout(_weight(np.random.default_rng(0), n, k, 4, group, False))
+        n_pad, k_pad = gw.padded
+        tt, tk, split, steps = gu.uniform_wide.tiles_for(m, n_pad, k, k_pad, gw.kg, sms=132)
+        assert gu.uniform_wide.smem_bytes(tt, tk, gw.kg, split, steps, 4) <= 226 * 1024
+        tiles = -(-m // tt) * (n_pad // gu.uniform_wide.TW)
+        assert tt == (256 if m >= 1024 else 128) and tk in (64, 128) and steps >= 2
+        assert tiles * split <= max(132, tiles)  # split only fills idle SMs
+        assert k_pad % (tk * split) == 0 and (k_pad // split) % gw.kg == 0
+        if m == 70 and n == 4096:
+            assert split == 4  # 32 tiles: the K range spreads over 128 SMs
+        if tk < gw.kg:
+            assert gw.kg % tk == 0
+
+
 @pytest.mark.parametrize("bits,group_size,m", [
     (4, 128, 1), (4, 128, 16), (4, None, 64), (4, 64, 2048), (8, 128, 1), (2, 128, 512),
+    (4, 128, 100),
 ])
 def test_uniform_kernel_lowers_for_cuda(bits, group_size, m):
-    """The compiled path (A operand from registers, transposed activation view, int4 and
-    int8 upcasts, split-K) through Mosaic GPU's lowering and layout inference."""
+    """The compiled paths (A operand from registers, transposed activation view and
+    output store, int4 and int8 upcasts, split-K, the warp-specialized wide kernel)
+    through Mosaic GPU's lowering and layout inference."""
     rng = np.random.default_rng(_seed("gpu lower", bits, group_size, m))
     gw = gu.relayout(_weight(rng, 192, 4096, bits, group_size, False))
     x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
     tm, split, steps = gu.tiles_for(m, gw)
 
-    def lowered(tiles):
-        fn = functools.partial(gu.uniform_matmul, tiles=tiles)
+    def lowered(**tiles):
+        fn = functools.partial(gu.uniform_matmul, **tiles)
         return jax.jit(fn).trace(x, gw).lower(lowering_platforms=("cuda",)).as_text()
 
-    # From PREFILL_M rows on the default path is XLA's (dequantize to bf16, then matmul);
-    # the kernel itself must still lower for those shapes (benchmarks force it).
-    assert ("mosaic_gpu" in lowered(None)) == (m < gu.PREFILL_M)
-    assert "mosaic_gpu" in lowered((tm, split, steps))
+    assert "mosaic_gpu" in lowered()  # the default: decode kernel to DECODE_M, then wide
+    assert "mosaic_gpu" in lowered(tiles=(tm, split, steps))  # the decode kernel at any M
     assert tm >= min(m, 8) and (split > 1) == (m <= 64 and gw.max_split > 1)
+    if m > gu.DECODE_M:  # the wide kernel's other variants
+        assert "mosaic_gpu" in lowered(wide_tiles=(128, 128, 2, 3))
+        assert "mosaic_gpu" in lowered(wide_tiles=(256, 64, 1, 4))
 
 
 def test_prepared_model_runs_the_gpu_kernel_in_the_forward():

@@ -20,9 +20,9 @@ Kernel layout (:func:`relayout`, once per weight, not per call):
   contiguous block), ``bias = s * (2**(bits-1) - z)``; the tile is dequantized as
   ``codes * s + bias`` (one bf16 FMA per weight) and padding has ``s = bias = 0``.
 
-From ``PREFILL_M`` activation rows on (prefill), the weight is instead dequantized to
-bf16 in one XLA pass and multiplied by XLA's matmul (``uniform_matmul``), which is faster
-there than this kernel as it stands.
+Above ``DECODE_M`` activation rows (mid batches and prefill), :func:`uniform_matmul` runs
+:mod:`pallas_kernels.gpu.uniform_wide` instead: a warp-specialized persistent kernel on the
+same layout that reads each weight tile once per 128 or 256 tokens.
 
 Grid ``(N_pad / tn, M_pad / tm, split)``: each program owns ``tn`` rows and a ``1/split``
 share of K (split-K, so that a decode step has enough programs to fill 132 SMs), runs a
@@ -50,18 +50,19 @@ import numpy as np
 from jaxquant.formats.uniform import UniformWeight
 from jaxquant.ops import register_kernel
 from pallas_kernels.compat import gpu_interpret, pl, plgpu
+from pallas_kernels.gpu import uniform_wide
 from pallas_kernels.reference import dequant_reference
 
 #: Input columns per scale row in the kernel (wgmma K slice per FMA'd sub-tile).
 KG_MAX = 128
 #: Output rows per program (one warpgroup's wgmma M is 64).
 TN = 64
-#: From this many activation rows on, the weight is dequantized to bf16 by XLA (one
-#: elementwise pass) and multiplied by XLA's bf16 matmul: the swap-AB kernel re-reads the
-#: weight per 128-row M tile and its M-major epilogue is slow at prefill sizes. Measured
-#: on an H100 (benchmarks/results/gpu/kernels_gpu_*): at M = 2048 the kernel gives
-#: 0.45x bf16 and this path 0.68-0.77x; at M = 512 the kernel 0.48-0.56x, this 0.44-0.46x.
-PREFILL_M = 1024
+#: Rows the layout pads N to: the wide kernel's blocks hold 128 weight rows.
+N_ALIGN = uniform_wide.TW
+#: Up to this many activation rows this (decode) kernel runs; above, the wide kernel
+#: (measured on an H100, benchmarks/results/gpu/kernels_gpu_*: at M = 64 this kernel is
+#: the faster on two of the three Llama-2-7B shapes, at M = 128 the wide one on all).
+DECODE_M = 64
 #: Shared memory the pipeline may take (bytes; Hopper allows 227 KiB a block).
 SMEM_BUDGET = 200 * 1024
 
@@ -75,7 +76,7 @@ def _round_up(a: int, b: int) -> int:
 class GpuUniformWeight:
     """A :class:`UniformWeight` in the GPU kernel layout (see the module docstring)."""
 
-    codes: jax.Array  # int4 or int8 [N_pad, K_pad]: q - 2**(bits-1)
+    codes: jax.Array  # int4 or int8 [N_pad, K_pad]: q - 2**(bits-1); N_pad % 128 == 0
     scales: jax.Array  # bf16 [K_pad / kg, N_pad]
     bias: jax.Array  # bf16 [K_pad / kg, N_pad]: s * (2**(bits-1) - z)
     shape: tuple[int, int] = dataclasses.field(metadata={"static": True})  # (N, K)
@@ -134,7 +135,7 @@ def relayout(w: UniformWeight, *, tk: int | None = None) -> GpuUniformWeight:
         raise ValueError(f"tk={tk} is not a multiple of the kernel group {kg}")
     steps = -(-k // tk)
     max_split = 4 if steps >= 16 else 2 if steps >= 4 else 1
-    n_pad, k_pad = _round_up(n, TN), _round_up(k, tk * max_split)
+    n_pad, k_pad = _round_up(n, N_ALIGN), _round_up(k, tk * max_split)
     container = 4 if w.bits <= 4 else 8
     half = 2 ** (w.bits - 1)
     codes = np.zeros((n_pad, k_pad), np.int8)
@@ -232,16 +233,22 @@ def _kernel(m_pad: int, n_pad: int, k_pad: int, *, tm: int, tk: int, kg: int, sp
         interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
+@functools.partial(jax.jit, static_argnames=("interpret", "tiles", "wide_tiles"))
 def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any = False,
-                   tiles: tuple[int, int, int] | None = None) -> jax.Array:
+                   tiles: tuple[int, int, int] | None = None,
+                   wide_tiles: tuple[int, int, int, int] | None = None) -> jax.Array:
     """``x @ W^T`` for ``x [..., K]`` (float) and a weight in the kernel layout.
+
+    Up to :data:`DECODE_M` rows of ``x`` (or with ``tiles``) this module's decode kernel
+    runs, above (or with ``wide_tiles``) :mod:`pallas_kernels.gpu.uniform_wide`.
 
     Args:
       x: Activations (computed in bf16 on the tensor cores, float32 accumulation).
       w: :func:`relayout` output.
       interpret: ``True`` runs the kernel in the Pallas GPU interpreter (CPU tests).
-      tiles: ``(tm, split, steps)`` overriding :func:`tiles_for` (benchmarks).
+      tiles: Decode kernel ``(tm, split, steps)`` overriding :func:`tiles_for`.
+      wide_tiles: Wide kernel ``(tt, tk, split, steps)`` overriding
+        :func:`pallas_kernels.gpu.uniform_wide.tiles_for`.
 
     Returns:
       ``[..., N]`` in ``x``'s dtype.
@@ -251,15 +258,14 @@ def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any =
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    if m >= PREFILL_M and tiles is None:
-        y = jax.lax.dot_general(jnp.pad(x2.astype(jnp.bfloat16), ((0, 0), (0, k_pad - k))),
-                                w.dequantize_padded(jnp.bfloat16), (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)[:, :n]
+    interp = gpu_interpret(interpret)
+    if wide_tiles is not None or (m > DECODE_M and tiles is None):
+        y = uniform_wide.wide_matmul(x2, w.codes, w.scales, w.bias, n=n, kg=w.kg,
+                                     tiles=wide_tiles, interpret=interp)
         return y.astype(x.dtype).reshape(*lead, n)
     tm, split, steps = tiles or tiles_for(m, w)
     m_pad = _round_up(m, tm)
     xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, m_pad - m), (0, k_pad - k)))
-    interp = gpu_interpret(interpret)
     kernel = _kernel(m_pad, n_pad, k_pad, tm=tm, tk=w.tk, kg=w.kg, split=split, steps=steps,
                      interpret=interp)
     parts = kernel(xb.T if interp else xb, w.codes, w.scales, w.bias)
