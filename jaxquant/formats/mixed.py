@@ -79,7 +79,9 @@ class MixedWeight(QuantizedWeight):
         if self.perm is not None:
             x = jnp.take(x, self.perm.astype(jnp.int32), axis=-1)
         y, start = None, 0
-        for part in self.parts:  # accumulate the parts in float32, round once
+        # Each part comes back in x's dtype (rounded once per part when x is bf16: the
+        # kernels and the jnp path both return x's dtype); the sum is taken in float32.
+        for part in self.parts:
             k = part.shape[1]
             term = ops.linear(x[..., start:start + k], part).astype(jnp.float32)
             y = term if y is None else y + term
