@@ -97,7 +97,7 @@ class GpuUniformWeight:
 
     def dequantize_padded(self, dtype: Any) -> jax.Array:
         """The padded ``[N_pad, K_pad]`` weight, ``codes * s + bias`` computed in ``dtype``
-        (bf16: what the kernel computes in registers; the prefill path's XLA weight)."""
+        (bf16: what the kernels compute in registers)."""
         s = jnp.repeat(self.scales.astype(dtype).T, self.kg, axis=1)
         b = jnp.repeat(self.bias.astype(dtype).T, self.kg, axis=1)
         return self.codes.astype(dtype) * s + b
