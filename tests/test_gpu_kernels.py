@@ -116,6 +116,8 @@ def test_wide_tiles_fill_the_sms_and_fit_the_layout():
             assert split == 4  # 32 tiles: the K range spreads over 128 SMs
         if tk < gw.kg:
             assert gw.kg % tk == 0
+    with pytest.raises(ValueError, match="do not fit"):  # K_pad 768 does not split in 5
+        gu.uniform_matmul(jnp.ones((70, 576)), gw, wide_tiles=(128, 64, 5, 2), interpret=True)
 
 
 @pytest.mark.parametrize("bits,group_size,m", [

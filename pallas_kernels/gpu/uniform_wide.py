@@ -107,7 +107,9 @@ def _kernel(m_pad: int, n_pad: int, k_run: int, *, tt: int, tk: int, kg: int, sp
     kgs = min(kg, tk)  # columns per wgmma
     m_iters, n_iters = m_pad // tt, n_pad // TW
     k_iters = k_run // tk // split
-    rows_per_split = k_iters * tk // kg  # scale rows of one split's K range
+    # Scale rows of one split's K range (whole kernel groups when split; unsplit, the
+    # last 64-column step may start a kernel group of 128, which must be in the view).
+    rows_per_split = k_iters * tk // kg if split > 1 else -(-k_run // kg)
     srow = (lambda k: (k * tk // kg, 0)) if tk < kg else (lambda k: (k, 0))
     out_dtype = jnp.bfloat16 if split == 1 else jnp.float32
     device = not interpret
@@ -217,6 +219,10 @@ def wide_matmul(x2: jax.Array, codes: jax.Array, scales: jax.Array, bias: jax.Ar
     # K steps: the real K rounded up to a tile where one program takes all of K (no copy
     # of x when K divides), the padded K when the steps split (which the layout divides).
     k_run = k_pad if split > 1 else _round_up(k, tk)
+    if (tk % 64 or (tk % kg and kg % tk) or k_run % (tk * split)
+            or (split > 1 and (k_pad // split) % kg) or tt not in (64, 128, 256)):
+        raise ValueError(f"wide-kernel tiles {(tt, tk, split, steps)} do not fit K_pad "
+                         f"{k_pad} with {kg}-column scale rows")
     m_pad = _round_up(m, tt)
     xb = x2.astype(jnp.bfloat16)
     if (m_pad, k_run) != (m, k):
