@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxquant.algorithms.rtn import rtn
 from jaxquant.formats import CodebookWeight
+from pallas_kernels import util
 from pallas_kernels.tpu import codebook as tc
 from pallas_kernels.tpu import common
 from pallas_kernels.tpu import int8 as ti
@@ -47,10 +48,10 @@ def device_facts() -> dict:
     """Copy bandwidth (read + write of 1 GiB) and bf16 8192^3 matmul rate, this run."""
     a = jnp.ones((2**28,), jnp.float32)
     copy = jax.jit(lambda v: v + 1)
-    t = common.median_us(copy, a, runs=10) * 1e-6
+    t = util.wall_us(copy, a, runs=10) * 1e-6
     x = jnp.ones((8192, 8192), jnp.bfloat16)
     mm = jax.jit(lambda p, q: p @ q)
-    tm = common.median_us(mm, x, x, runs=10) * 1e-6
+    tm = util.wall_us(mm, x, x, runs=10) * 1e-6
     return {"copy_gbps": 2 * a.size * 4 / t / 1e9, "bf16_tflops": 2 * 8192**3 / tm / 1e12}
 
 
@@ -99,9 +100,9 @@ def main() -> None:
             kernel = jax.jit(fn)
             for m in (int(v) for v in args.m.split(",")):
                 x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-                t = common.median_us(kernel, x, kw)
-                t_bf16 = common.median_us(jax.jit(lambda a, b: a @ b.T), x, wb)
-                t_deq = common.median_us(jax.jit(deq), x)
+                t = util.wall_us(kernel, x, kw, runs=20)
+                t_bf16 = util.wall_us(jax.jit(lambda a, b: a @ b.T), x, wb, runs=20)
+                t_deq = util.wall_us(jax.jit(deq), x, runs=20)
                 moved = nbytes(kw) + x.size * 2 + m * n * 2
                 row = {"shape": [n, k], "format": fmt, "m": m, "us": t, "bf16_us": t_bf16,
                        "dequant_jnp_us": t_deq, "gbps": moved / t / 1e3,

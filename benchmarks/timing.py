@@ -1,64 +1,27 @@
 """Timing helpers shared by the benchmarks: wall-clock and device (CUPTI) time.
 
-* :func:`wall_us` (and :func:`wall_samples_us`): host wall clock of a call, after a
-  warm-up call (compilation), with ``jax.block_until_ready`` on the outputs; median of
-  several runs. This is what a user of the call waits, dispatch and gaps between
+* :func:`wall_us` (and :func:`wall_samples_us`, both from :mod:`pallas_kernels.util`,
+  where the kernels' own ``main()`` benchmarks use them): host wall clock of a call,
+  after a warm-up call (compilation), with ``jax.block_until_ready`` on the outputs;
+  median of several runs. This is what a user of the call waits, dispatch and gaps between
   kernels included.
 * :func:`device_us`: the summed time of the GPU kernels a call launches, measured with
   CUPTI (:func:`jax.experimental.mosaic.gpu.profiler.measure`); the gaps between kernels
   and host dispatch are not counted. Without CUPTI (CPU, TPU, a GPU without the
   profiler) it falls back to the wall clock.
-
-``device_us`` has the semantics of the helper of ``benchmarks/kernels_gpu.py`` (which
-will import it from here).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
+from pallas_kernels.util import wall_samples_us, wall_us
 
-def wall_samples_us(fn: Callable[..., Any], *args: Any, runs: int = 10,
-                    warmup: int = 1) -> list[float]:
-    """Wall-clock microseconds of ``runs`` calls of ``fn(*args)``, each waited for.
-
-    Args:
-      fn: The function (usually jitted).
-      *args: Its arguments, the same for every call.
-      runs: Timed calls.
-      warmup: Untimed calls first (compilation, autotuning, allocator warm-up).
-
-    Returns:
-      One duration per timed call, in microseconds, in call order.
-    """
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        out.append((time.perf_counter() - start) * 1e6)
-    return out
-
-
-def wall_us(fn: Callable[..., Any], *args: Any, runs: int = 10, warmup: int = 1) -> float:
-    """Median wall-clock microseconds of ``fn(*args)`` after ``warmup`` untimed calls.
-
-    Args:
-      fn: The function (usually jitted).
-      *args: Its arguments, the same for every call.
-      runs: Timed calls (the median is returned).
-      warmup: Untimed calls first.
-
-    Returns:
-      The median over the timed calls, in microseconds.
-    """
-    return statistics.median(wall_samples_us(fn, *args, runs=runs, warmup=warmup))
+__all__ = ["device_us", "wall_samples_us", "wall_us"]
 
 
 def device_us(fn: Callable[..., Any], args_sets: Sequence[tuple[Any, ...]],
@@ -99,10 +62,4 @@ def device_us(fn: Callable[..., Any], args_sets: Sequence[tuple[Any, ...]],
     except Exception as e:  # no CUPTI: wall clock after a warm-up
         if info is not None:
             info.update(method="wall", error=f"{type(e).__name__}: {e}")
-        jax.block_until_ready(f(*f_args))
-        ts = []
-        for _ in range(iterations):
-            t = time.perf_counter()
-            jax.block_until_ready(f(*f_args))
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts) * 1e6 / len(sets)
+        return wall_us(f, *f_args, runs=iterations) / len(sets)

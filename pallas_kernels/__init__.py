@@ -6,7 +6,8 @@
   CI with the Pallas TPU interpreter and by lowering for TPU.
 - :mod:`pallas_kernels.sparse`: float outliers as a sparse correction over any
   kernel-layout base.
-- :mod:`pallas_kernels.compat`: the version-specific Pallas imports.
+- :mod:`pallas_kernels.compat`: the version-specific Pallas imports; :mod:`pallas_kernels.util`:
+  tile arithmetic and the wall clock of the `main()` benchmarks.
 
 Each kernel module has ``eligible``, ``relayout`` (the kernel layout, built once), a
 jnp ``reference`` and a ``main()`` benchmark, and registers its layout type with

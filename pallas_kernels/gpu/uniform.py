@@ -52,6 +52,7 @@ from jaxquant.ops import register_kernel
 from pallas_kernels.compat import gpu_interpret, pl, plgpu
 from pallas_kernels.gpu import uniform_wide
 from pallas_kernels.reference import dequant_reference
+from pallas_kernels.util import round_up
 
 #: Input columns per scale row in the kernel (wgmma K slice per FMA'd sub-tile).
 KG_MAX = 128
@@ -65,10 +66,6 @@ N_ALIGN = uniform_wide.TW
 DECODE_M = 64
 #: Shared memory the pipeline may take (bytes; Hopper allows 227 KiB a block).
 SMEM_BUDGET = 200 * 1024
-
-
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
 
 
 @jax.tree_util.register_dataclass
@@ -135,7 +132,7 @@ def relayout(w: UniformWeight, *, tk: int | None = None) -> GpuUniformWeight:
         raise ValueError(f"tk={tk} is not a multiple of the kernel group {kg}")
     steps = -(-k // tk)
     max_split = 4 if steps >= 16 else 2 if steps >= 4 else 1
-    n_pad, k_pad = _round_up(n, N_ALIGN), _round_up(k, tk * max_split)
+    n_pad, k_pad = round_up(n, N_ALIGN), round_up(k, tk * max_split)
     container = 4 if w.bits <= 4 else 8
     half = 2 ** (w.bits - 1)
     codes = np.zeros((n_pad, k_pad), np.int8)
@@ -264,7 +261,7 @@ def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any =
                                      tiles=wide_tiles, interpret=interp)
         return y.astype(x.dtype).reshape(*lead, n)
     tm, split, steps = tiles or tiles_for(m, w)
-    m_pad = _round_up(m, tm)
+    m_pad = round_up(m, tm)
     xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, m_pad - m), (0, k_pad - k)))
     kernel = _kernel(m_pad, n_pad, k_pad, tm=tm, tk=w.tk, kg=w.kg, split=split, steps=steps,
                      interpret=interp)

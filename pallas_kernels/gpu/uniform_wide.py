@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.compat import pl, plgpu
+from pallas_kernels.util import round_up
 
 #: Weight rows per block: two compute warpgroups of wgmma's 64 rows.
 TW = 128
@@ -58,10 +59,6 @@ def num_sms() -> int:
         return int(jax.local_devices(backend="gpu")[0].core_count)
     except (RuntimeError, IndexError, AttributeError):
         return 132
-
-
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
 
 
 def smem_bytes(tt: int, tk: int, kg: int, split: int, steps: int, container: int) -> int:
@@ -218,12 +215,12 @@ def wide_matmul(x2: jax.Array, codes: jax.Array, scales: jax.Array, bias: jax.Ar
     tt, tk, split, steps = tiles or tiles_for(m, n_pad, k, k_pad, kg, container)
     # K steps: the real K rounded up to a tile where one program takes all of K (no copy
     # of x when K divides), the padded K when the steps split (which the layout divides).
-    k_run = k_pad if split > 1 else _round_up(k, tk)
+    k_run = k_pad if split > 1 else round_up(k, tk)
     if (tk % 64 or (tk % kg and kg % tk) or k_run % (tk * split)
             or (split > 1 and (k_pad // split) % kg) or tt not in (64, 128, 256)):
         raise ValueError(f"wide-kernel tiles {(tt, tk, split, steps)} do not fit K_pad "
                          f"{k_pad} with {kg}-column scale rows")
-    m_pad = _round_up(m, tt)
+    m_pad = round_up(m, tt)
     xb = x2.astype(jnp.bfloat16)
     if (m_pad, k_run) != (m, k):
         xb = jnp.pad(xb, ((0, m_pad - m), (0, k_run - k)))

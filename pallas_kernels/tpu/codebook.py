@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxquant.formats.codebook import CodebookWeight
 from jaxquant.ops import register_kernel
+from pallas_kernels import util
 from pallas_kernels.compat import pl
 from pallas_kernels.reference import dequant_reference
 from pallas_kernels.tpu import common
@@ -78,7 +79,7 @@ def relayout(w: CodebookWeight, *, generation: str | None = None,
         raise ValueError(f"the TPU codebook kernel cannot take this weight: {why}")
     n, k = w.shape
     bn, bk = common.choose_blocks(n, k, generation, blocks)
-    n_pad, k_pad = common.round_up(n, bn), common.round_up(k, bk)
+    n_pad, k_pad = util.round_up(n, bn), util.round_up(k, bk)
     idx = np.zeros((k_pad, n_pad), np.uint32)
     idx[:k, :n] = np.asarray(w.indices()).T
     table = np.zeros((k_pad, 2 ** w.bits), np.float32)
@@ -139,7 +140,7 @@ def main() -> None:
             tw = relayout(CodebookWeight.from_indices(idx, table, bits=bits))
             for m in (1, 16, 512):
                 x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-                us = common.median_us(codebook_matmul, x, tw)
+                us = util.wall_us(codebook_matmul, x, tw, runs=20)
                 print(f"{n}x{k} {bits}-bit codebook M={m}: {us:.1f} us")
 
 

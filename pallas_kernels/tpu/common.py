@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxquant.formats import packing
 from pallas_kernels.compat import pl, pltpu, tpu_compiler_params, tpu_interpret
+from pallas_kernels.util import round_up
 
 #: (bn, bk) per TPU generation: output lanes and input rows per weight tile.
 NK_BLOCKS: dict[str, tuple[int, int]] = {
@@ -40,24 +41,6 @@ FALLBACK_NK = (256, 512)
 #: Largest M block; M is padded to a multiple of 16 (bf16 sublane packing).
 BM_MAX = 256
 VMEM_CAP = 48 * 2**20
-
-
-def median_us(f: Callable[..., Any], *args: Any, runs: int = 20) -> float:
-    """Median wall time of ``f(*args)`` in microseconds, after one warm-up call, each run
-    synchronized with ``block_until_ready`` (the kernels' ``main()`` benchmarks)."""
-    import time
-
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return 1e6 * float(np.median(ts))
-
-
-def round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def tpu_generation(device: Any | None = None) -> str | None:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import util
 from pallas_kernels.compat import pl, pltpu, tpu_compiler_params, tpu_interpret
 from pallas_kernels.tpu import common
 
@@ -76,8 +77,8 @@ def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
     bn, bk = blocks_for(n, k)
     lead = x_codes.shape[:-1]
     m = math.prod(lead)
-    bm = min(common.BM_MAX, common.round_up(max(m, 1), 32))  # int8 packs 32 sublanes
-    m_pad = common.round_up(m, bm)
+    bm = min(common.BM_MAX, util.round_up(max(m, 1), 32))  # int8 packs 32 sublanes
+    m_pad = util.round_up(m, bm)
     x2 = jnp.pad(x_codes.reshape(m, k), ((0, m_pad - m), (0, 0)))
     xs = jnp.pad(jnp.asarray(x_scale, jnp.float32).reshape(m, 1), ((0, m_pad - m), (0, 0)))
     ws = jnp.asarray(w_scale, jnp.float32).reshape(1, n)
@@ -112,7 +113,7 @@ def main() -> None:
         print("no TPU here: the benchmark needs one (tests run the kernel interpreted)")
         return
     rng = np.random.default_rng(0)
-    timed = common.median_us
+    timed = functools.partial(util.wall_us, runs=20)
 
     for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
         wq = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)

@@ -30,6 +30,7 @@ import numpy as np
 from jaxquant.formats import packing
 from jaxquant.formats.uniform import UniformWeight
 from jaxquant.ops import register_kernel
+from pallas_kernels import util
 from pallas_kernels.compat import pl
 from pallas_kernels.reference import dequant_reference
 from pallas_kernels.tpu import common
@@ -96,7 +97,7 @@ def relayout(w: UniformWeight, *, generation: str | None = None,
         raise ValueError(f"the TPU uniform kernel cannot take this weight: {why}")
     n, k = w.shape
     bn, bk = common.choose_blocks(n, k, generation, blocks)
-    n_pad, k_pad = common.round_up(n, bn), common.round_up(k, bk)
+    n_pad, k_pad = util.round_up(n, bn), util.round_up(k, bk)
     codes = np.zeros((k_pad, n_pad), np.uint32)
     codes[:k, :n] = np.asarray(w.codes()).T
     planes = common.pack_planes(codes, w.bits, bk)
@@ -195,7 +196,7 @@ def main() -> None:
             tw = relayout(rtn(wf, bits=bits, group_size=128, symmetric=False))
             for m in (1, 16, 512):
                 x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-                us = common.median_us(uniform_matmul, x, tw)
+                us = util.wall_us(uniform_matmul, x, tw, runs=20)
                 print(f"{n}x{k} {bits}-bit M={m}: {us:.1f} us")
 
 
