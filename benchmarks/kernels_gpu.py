@@ -49,14 +49,8 @@ MS = (1, 4, 16, 64, 512, 2048)
 
 def kernel_tiles(m: int, g: gu.GpuUniformWeight) -> dict:
     """Which kernel :func:`gu.uniform_matmul` runs for ``m`` rows, with its tiles."""
-    if m > gu.DECODE_M:
-        n_pad, k_pad = g.padded
-        container = 4 if g.codes.dtype == jnp.int4 else 8
-        tt, tk, split, steps = gu.uniform_wide.tiles_for(m, n_pad, g.shape[1], k_pad, g.kg,
-                                                         container)
-        return dict(kernel="wide", tt=tt, tk=tk, split=split, steps=steps)
-    tm, split, steps = gu.tiles_for(m, g)
-    return dict(kernel="decode", tm=tm, tk=g.tk, split=split, steps=steps)
+    kind, tiles = gu.kernel_for(m, g)
+    return dict(kernel=kind, tiles=list(tiles))
 
 
 def qwix_matmul() -> Any:
@@ -121,17 +115,16 @@ def write(out: Path, meta: dict, checks: list, rows: list, kind: str, echo: bool
              f"bf16 8192^3 matmul {meta['bf16_tflops']:.0f} TFLOP/s. Times: CUPTI device time "
              "of the whole call (kernel + split-K sum), median of 10, weight sets rotated past L2. "
              "Widths 1..3 are held in the 4-bit container for now (they move 4-bit bytes). "
-             "Kernel: `decode` (pallas_kernels/gpu/uniform.py, tiles tm/split) up to M = "
-             f"{gu.DECODE_M}, `wide` (uniform_wide.py, tiles tt/tk/split) above. qwix: "
+             "Kernel: `decode` (pallas_kernels/gpu/uniform.py, tiles tm/split/steps) up to "
+             f"M = {gu.DECODE_M}, `wide` (uniform_wide.py, tiles tt/tk/split/steps) above. "
+             "qwix: "
              f"{meta.get('qwix') or 'not installed'}, int4 weight-only g128 "
              "(`qwix.quantize` + `qwix.dot_general`).", "",
              "| N x K | bits | M | kernel | us | GB/s | of copy | bf16 us | x bf16 | jnp us "
              "| x jnp | qwix us | x qwix |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        t = r["tiles"]
-        tiles = (f"wide {t['tt']}/{t['tk']}/{t['split']}" if t["kernel"] == "wide"
-                 else f"decode {t['tm']}/{t['split']}")
+        tiles = f"{r['tiles']['kernel']} " + "/".join(map(str, r["tiles"]["tiles"]))
         qw = (f"{r['qwix_us']:.1f} | {r['speedup_qwix']:.2f}" if r.get("qwix_us")
               else "– | –")
         lines.append(f"| {r['n']}x{r['k']} | {r['bits']} | {r['m']} | {tiles} | "

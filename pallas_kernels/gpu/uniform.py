@@ -83,6 +83,11 @@ class GpuUniformWeight:
     max_split: int = dataclasses.field(metadata={"static": True})  # K_pad / tk divides by it
 
     @property
+    def container(self) -> int:
+        """Bits each code is stored in: 4 (``int4``, widths 1..4) or 8 (``int8``)."""
+        return 4 if self.bits <= 4 else 8
+
+    @property
     def padded(self) -> tuple[int, int]:
         """``(N_pad, K_pad)``."""
         return int(self.codes.shape[0]), int(self.codes.shape[1])
@@ -165,10 +170,19 @@ def tiles_for(m: int, w: GpuUniformWeight) -> tuple[int, int, int]:
             split *= 2
     # pipeline depth: 4 stages of (codes + activations + scales) where shared memory
     # (227 KiB a block on Hopper, less the output tile) allows, at least 2
-    container = 4 if w.bits <= 4 else 8
-    stage = TN * w.tk * container // 8 + tm * w.tk * 2 + 2 * (w.tk // w.kg) * TN * 2
+    stage = TN * w.tk * w.container // 8 + tm * w.tk * 2 + 2 * (w.tk // w.kg) * TN * 2
     steps = max(2, min(4, (SMEM_BUDGET - TN * tm * 4) // stage))
     return tm, split, steps
+
+
+def kernel_for(m: int, w: GpuUniformWeight) -> tuple[str, tuple[int, ...]]:
+    """The kernel :func:`uniform_matmul` runs for ``m`` activation rows, with its tiles:
+    ``("decode", (tm, split, steps))`` up to :data:`DECODE_M` rows (:func:`tiles_for`),
+    ``("wide", (tt, tk, split, steps))`` above (:func:`uniform_wide.tiles_for`)."""
+    if m <= DECODE_M:
+        return "decode", tiles_for(m, w)
+    n_pad, k_pad = w.padded
+    return "wide", uniform_wide.tiles_for(m, n_pad, w.shape[1], k_pad, w.kg, w.container)
 
 
 @functools.cache
@@ -236,8 +250,8 @@ def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any =
                    wide_tiles: tuple[int, int, int, int] | None = None) -> jax.Array:
     """``x @ W^T`` for ``x [..., K]`` (float) and a weight in the kernel layout.
 
-    Up to :data:`DECODE_M` rows of ``x`` (or with ``tiles``) this module's decode kernel
-    runs, above (or with ``wide_tiles``) :mod:`pallas_kernels.gpu.uniform_wide`.
+    The kernel and tiles are :func:`kernel_for`'s unless ``tiles`` (this module's decode
+    kernel) or ``wide_tiles`` (:mod:`pallas_kernels.gpu.uniform_wide`) force them.
 
     Args:
       x: Activations (computed in bf16 on the tensor cores, float32 accumulation).
@@ -256,11 +270,14 @@ def uniform_matmul(x: jax.Array, w: GpuUniformWeight, *, interpret: bool | Any =
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     interp = gpu_interpret(interpret)
-    if wide_tiles is not None or (m > DECODE_M and tiles is None):
+    if tiles is None and wide_tiles is None:
+        kind, chosen = kernel_for(m, w)
+        tiles, wide_tiles = (chosen, None) if kind == "decode" else (None, chosen)
+    if wide_tiles is not None:
         y = uniform_wide.wide_matmul(x2, w.codes, w.scales, w.bias, n=n, kg=w.kg,
                                      tiles=wide_tiles, interpret=interp)
         return y.astype(x.dtype).reshape(*lead, n)
-    tm, split, steps = tiles or tiles_for(m, w)
+    tm, split, steps = tiles
     m_pad = round_up(m, tm)
     xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, m_pad - m), (0, k_pad - k)))
     kernel = _kernel(m_pad, n_pad, k_pad, tm=tm, tk=w.tk, kg=w.kg, split=split, steps=steps,

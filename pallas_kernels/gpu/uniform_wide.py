@@ -107,7 +107,10 @@ def _kernel(m_pad: int, n_pad: int, k_run: int, *, tt: int, tk: int, kg: int, sp
     # Scale rows of one split's K range (whole kernel groups when split; unsplit, the
     # last 64-column step may start a kernel group of 128, which must be in the view).
     rows_per_split = k_iters * tk // kg if split > 1 else -(-k_run // kg)
-    srow = (lambda k: (k * tk // kg, 0)) if tk < kg else (lambda k: (k, 0))
+
+    def srow(k):  # block index of step k's scale rows (blocks of `sub` rows)
+        return k * tk // (kg * sub), 0
+
     out_dtype = jnp.bfloat16 if split == 1 else jnp.float32
     device = not interpret
 
@@ -194,7 +197,7 @@ def _kernel(m_pad: int, n_pad: int, k_run: int, *, tt: int, tk: int, kg: int, sp
 
 
 def wide_matmul(x2: jax.Array, codes: jax.Array, scales: jax.Array, bias: jax.Array, *,
-                n: int, kg: int, tiles: tuple[int, int, int, int] | None = None,
+                n: int, kg: int, tiles: tuple[int, int, int, int],
                 interpret: Any = None) -> jax.Array:
     """``x2 [M, K] @ W^T`` as ``[M, N]`` (bf16, or float32 when K is split) for the decode
     kernel's weight layout.
@@ -206,13 +209,12 @@ def wide_matmul(x2: jax.Array, codes: jax.Array, scales: jax.Array, bias: jax.Ar
       bias: ``[K_pad / kg, N_pad]`` bf16.
       n: Output features ``N``.
       kg: Input columns per scale row.
-      tiles: ``(tt, tk, split, steps)`` overriding :func:`tiles_for`.
+      tiles: ``(tt, tk, split, steps)`` (:func:`tiles_for` gives the measured choice).
       interpret: The Pallas GPU interpreter's parameters (CPU tests), or ``None``.
     """
     m, k = x2.shape
     n_pad, k_pad = codes.shape
-    container = 4 if codes.dtype == jnp.int4 else 8
-    tt, tk, split, steps = tiles or tiles_for(m, n_pad, k, k_pad, kg, container)
+    tt, tk, split, steps = tiles
     # K steps: the real K rounded up to a tile where one program takes all of K (no copy
     # of x when K divides), the padded K when the steps split (which the layout divides).
     k_run = k_pad if split > 1 else round_up(k, tk)
@@ -232,7 +234,7 @@ def wide_matmul(x2: jax.Array, codes: jax.Array, scales: jax.Array, bias: jax.Ar
         y = y.sum(0)
     if interpret:
         y = y.T
-    return y[:m, :n] if (m_pad, n_pad) != (m, n) else y
+    return y[:m, :n]
 
 
 def main() -> None:
