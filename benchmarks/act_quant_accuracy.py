@@ -53,6 +53,8 @@ TRANSFORMS = {
     "smoothrot": {"kind": "smoothrot", "alpha": 0.5},
     "smoothrot-search": {"kind": "smoothrot", "alpha": None, "act_bits": 4, "weight_bits": 4},
 }
+#: Weight methods (symmetric per output channel), see :func:`weight_spec`.
+METHODS = ("rtn", "gptq", "gptq-mse")
 #: setting -> (weight bits, activation config, kv bits)
 SETTINGS = {
     "W8A8": (8, ActQuantConfig(bits=8), None),
@@ -102,6 +104,28 @@ def run_parity(args: argparse.Namespace) -> None:
         print(f"{name:<18} ppl {ppl:.6f}  delta {ppl - ref:+.2e}", flush=True)
 
 
+def weight_spec(method: str, bits: int) -> jaxquant.QuantSpec:
+    """Symmetric per-channel weights: ``rtn``, ``gptq`` (act-order) or ``gptq-mse`` (act-order
+    and each channel's range searched, QuaRot's ``--w_clip``)."""
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    return jaxquant.QuantSpec(method="rtn" if method == "rtn" else "gptq", bits=bits,
+                              group_size=None, symmetric=True, act_order=method != "rtn",
+                              mse=method == "gptq-mse")
+
+
+def transform_config(name: str) -> TransformConfig:
+    """``TRANSFORMS[name]``; ``smooth@A`` / ``smoothrot@A``: that transform at alpha ``A``."""
+    base, _, alpha = name.partition("@")
+    if base not in TRANSFORMS or (alpha and "alpha" not in TRANSFORMS[base]):
+        raise SystemExit(f"unknown transform {name!r} (known: {', '.join(TRANSFORMS)}, "
+                         "smooth@ALPHA, smoothrot@ALPHA)")
+    kw = dict(TRANSFORMS[base])
+    if alpha:
+        kw["alpha"] = float(alpha)
+    return TransformConfig(**kw)
+
+
 def run_accuracy(args: argparse.Namespace) -> None:
     model, windows, calib = _load(args, "wiki.test.eval.raw")
     out = Path(args.out) / "act_quant_accuracy.jsonl"
@@ -117,12 +141,11 @@ def run_accuracy(args: argparse.Namespace) -> None:
     for tname in args.transforms.split(","):
         t = time.perf_counter()
         params, cfg, info = apply_transform(model.params, model.config,
-                                            TransformConfig(**TRANSFORMS[tname]), calib)
+                                            transform_config(tname), calib)
         t_seconds = time.perf_counter() - t
         for method in args.methods.split(","):
             for wbits in sorted({SETTINGS[s][0] for s in settings}, reverse=True):
-                spec = jaxquant.QuantSpec(method=method, bits=wbits, group_size=None,
-                                          symmetric=True, act_order=method == "gptq")
+                spec = weight_spec(method, wbits)
                 calibration = None if method == "rtn" else Calibration(
                     config=cfg, windows=calib, batch_size=args.batch_size, progress=False)
                 t = time.perf_counter()

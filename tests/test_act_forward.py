@@ -254,3 +254,25 @@ def test_cli_activation_errors(tiny_hf_dir, capsys):
     code, err = run(["quantize", "--model", tiny_hf_dir, "--transform", "smooth", "--alpha",
                      "1.5", "--calib", "kjv-nt"], capsys)
     assert_error(code, err, "alpha must be a number in [0, 1]")
+
+
+def test_online_key_hadamard_only_with_quantized_cache():
+    # (q H)(k H)^T = q k^T: the q/k Hadamards only matter for what a quantized cache
+    # stores, so the forward runs them with kv_bits and skips them without.
+    from jaxquant.models.layers import read_cache
+
+    cfg, params = _model("llama", hidden=64, tie=False, seed=_seed("qk") % 1000)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 5)))
+
+    def keys(c):
+        cache = init_cache(c, 2, 8)
+        _, cache = decode_step(params, c, tokens, cache)
+        return read_cache(cache["layers"][0], c.kv_bits, jnp.float32)[0][:, :5]
+
+    plain = keys(cfg)  # layer 0's keys do not depend on the other online transforms
+    on = dataclasses.replace(cfg, online_hadamard=True)
+    np.testing.assert_array_equal(keys(on), plain)
+    stored = keys(dataclasses.replace(on, kv_bits=8))
+    rotated = hadamard_transform(plain)
+    assert float(jnp.abs(stored - rotated).max()) < 0.02 * float(jnp.abs(rotated).max())
+    assert float(jnp.abs(stored - plain).max()) > 0.2 * float(jnp.abs(plain).max())

@@ -263,7 +263,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, self.inv_freq)
         k = apply_rope(k, positions, self.inv_freq)
-        if self.online_hadamard:  # (q H)(k H)^T = q k^T: rotated keys quantize better
+        if self.online_hadamard and self.kv_bits:
+            # (q H)(k H)^T = q k^T: rotated keys quantize better. Without a quantized
+            # cache the scores are the same either way, so no transform is run.
             q, k = hadamard_transform(q), hadamard_transform(k)
         if cache is None:
             if self.kv_bits:  # no cache to store: quantize and dequantize in place

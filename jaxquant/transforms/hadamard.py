@@ -468,19 +468,34 @@ def _pow2_factors(p: int) -> list[int]:
     return sizes
 
 
-def _apply(y: jax.Array, h: np.ndarray, axis: int) -> jax.Array:
-    """``y`` multiplied by ``h`` (``[k, k]``, ±1) along ``axis``: ``y_i <- sum_j h_ij y_j``.
+def _apply(y: jax.Array, h: np.ndarray, axis: int, scale: float) -> jax.Array:
+    """``scale * y`` multiplied by ``h`` (``[k, k]``, ±1) along ``axis``:
+    ``y_i <- scale * sum_j h_ij y_j``.
 
-    float32/float64 inputs: at their precision (``HIGHEST``). bfloat16/float16 inputs: the
-    ±1 entries are exact in them, products are accumulated in float32 (tensor cores), and
-    the result is rounded back to the input dtype.
+    One matmul per factor, the scale in its epilogue: on the last axis a plain
+    ``[rows, k] @ [k, k]^T`` GEMM; on another axis ``h`` is the left operand
+    (``h @ y[..., :, p]``), which XLA lowers to one GEMM fusion with no transpose of
+    ``y`` (with ``y`` on the left it transposed ``y`` and the result: twice the
+    kernels and 1.5-2x the time on an H200,
+    ``benchmarks/results/gpu/hadamard_formulations_nvidia_h200.md``).
+    float32/float64 inputs: at their precision (``HIGHEST``). bfloat16/float16 inputs:
+    the ±1 entries are exact in them, products are accumulated in float32 (tensor
+    cores), scaled in float32 and rounded once to the input dtype.
     """
     exact = y.dtype in (jnp.float32, jnp.float64)
     hm = jnp.asarray(h, dtype=y.dtype)
-    out = jnp.tensordot(y, hm, axes=((axis,), (1,)),
-                        precision=jax.lax.Precision.HIGHEST if exact else None,
-                        preferred_element_type=None if exact else jnp.float32)
-    return jnp.moveaxis(out, -1, axis).astype(y.dtype)
+    kw = dict(precision=jax.lax.Precision.HIGHEST if exact else None,
+              preferred_element_type=None if exact else jnp.float32)
+    letters = "abcdefghimnopqrstuvwxyz"[:y.ndim]
+    src = letters.replace(letters[axis], "k")
+    dst = letters.replace(letters[axis], "j")
+    if axis % y.ndim == y.ndim - 1:
+        out = jnp.einsum(f"{src},jk->{dst}", y, hm, **kw)
+    else:
+        out = jnp.einsum(f"jk,{src}->{dst}", hm, y, **kw)
+    if scale != 1.0:
+        out = out * jnp.asarray(scale, out.dtype)
+    return out.astype(y.dtype)
 
 
 def hadamard_transform(x: jax.Array, *, axis: int = -1, normalize: bool = True,
@@ -489,9 +504,10 @@ def hadamard_transform(x: jax.Array, *, axis: int = -1, normalize: bool = True,
 
     With ``H = hadamard_matrix(n)`` and ``n = x.shape[axis]``, the result is
     ``x @ H.T`` (divided by ``sqrt(n)`` when ``normalize``), computed as
-    ``Y = H_K X H_{2^m}`` on ``x`` reshaped to ``[..., K, 2^m]``: ``log2(2^m)``
-    butterfly stages (reshapes, unrolled at trace time) and one dense ``K x K``
-    matmul (``precision=HIGHEST``). With ``allow_block_diagonal=True`` and no exact
+    ``Y = H_K X H_{2^m}^T`` on ``x`` reshaped to ``[..., K, 2^m]``: the ``2^m`` factor
+    as dense Sylvester matmuls of at most 128 on the minor axes (one for ``2^m <=
+    128``), then one dense ``K x K`` matmul; each factor's ``1/sqrt(order)`` is applied
+    in its matmul's epilogue. With ``allow_block_diagonal=True`` and no exact
     factorization, each of the ``n / b`` contiguous blocks of size ``b`` is
     transformed by ``hadamard_matrix(b)`` and ``normalize`` divides by ``sqrt(b)``;
     the transform stays orthonormal. Jit-able and vmap-able.
@@ -529,14 +545,14 @@ def hadamard_transform(x: jax.Array, *, axis: int = -1, normalize: bool = True,
     factors = _pow2_factors(f.power_of_two)
     y = y.reshape((*lead, f.num_blocks, f.base_order, *factors))
     first = len(lead) + 1  # the K axis
+    # Each factor normalizes itself (1/sqrt of its order) in its matmul's epilogue, the
+    # last (minor-axis) factor first: no separate scaling pass over the data.
+    steps = [(_base_matrix(p), first + 1 + i) for i, p in enumerate(factors)][::-1]
     if f.base_order > 1:
-        y = _apply(y, _base_matrix(f.base_order), first)
-    for i, p in enumerate(factors):
-        y = _apply(y, _base_matrix(p), first + 1 + i)
+        steps.append((_base_matrix(f.base_order), first))
+    for h, ax in steps:
+        y = _apply(y, h, ax, 1.0 / math.sqrt(h.shape[0]) if normalize else 1.0)
     y = y.reshape((*lead, n))
-    if normalize:
-        y = (y.astype(jnp.float32 if cdtype != jnp.float64 else cdtype)
-             * (1.0 / math.sqrt(f.block_size)))
     return jnp.moveaxis(y, -1, axis).astype(out_dtype)
 
 

@@ -202,8 +202,10 @@ def fold_online(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
 
     * the down_proj input (``n`` = intermediate size): ``W_down ← T(W_down)`` along its
       input axis, so ``T(x) T(W)^T = x W^T``;
-    * queries and keys after RoPE, over ``head_dim``: ``T(q) T(k)^T = q k^T``, nothing to
-      fold; the rotated keys are what a quantized KV cache stores;
+    * queries and keys after RoPE, over ``head_dim``, when the KV cache is quantized
+      (``cfg.kv_bits``): ``T(q) T(k)^T = q k^T``, nothing to fold; the rotated keys
+      are what the quantized cache stores (without one the scores are the same, so
+      the forward skips these two transforms);
     * the o_proj input, across all heads (``n = heads * head_dim``; SmolLM2: 9 x 64 = 576
       = 36 x 16, which has no Kronecker split into a Hadamard over 9 heads):
       ``W_o ← T(W_o)``.
