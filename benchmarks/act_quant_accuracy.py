@@ -55,6 +55,7 @@ TRANSFORMS = {
 }
 #: Weight methods (symmetric per output channel), see :func:`weight_spec`.
 METHODS = ("rtn", "gptq", "gptq-mse")
+METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "gptq-mse": "GPTQ, range search"}
 #: setting -> (weight bits, activation config, kv bits)
 SETTINGS = {
     "W8A8": (8, ActQuantConfig(bits=8), None),
@@ -195,39 +196,40 @@ def write_table(args: argparse.Namespace) -> None:
           "In-domain protocol: calibration on 128 x 2048 tokens (seed 0) of "
           "`wiki.test.calib.raw`, perplexity on `wiki.test.eval.raw` (72 windows of 2048)."
           f" Float32: **{_fmt(float_ppl)}**. Weights symmetric per output channel, RTN or "
-          "GPTQ (act-order); activations per token, symmetric, 8-bit (clip 1.0) or 4-bit "
-          "(clip 0.9); KV cache per token and head, asymmetric 4-bit. SmoothQuant alpha "
-          "0.5 unless searched per layer (on the W8A8 layer error for SmoothQuant, the W4A4 "
-          "one for smooth-then-rotate).", "",
+          "GPTQ (act-order; 'range search': each channel's range searched as QuaRot's "
+          "`--w_clip` and GPTQ's `--mse` do); activations per token, symmetric, 8-bit "
+          "(clip 1.0) or 4-bit (clip 0.9); KV cache per token and head, asymmetric 4-bit. "
+          "SmoothQuant alpha 0.5 unless searched per layer (on the W8A8 layer error for "
+          "SmoothQuant, the W4A4 one for smooth-then-rotate).", "",
           "| transform | weights | W8A8 | W4A8 | W4A4 | W4A4KV4 |", "|---|---|---|---|---|---|"]
     names = {"none": "none (RTN/GPTQ alone)", "smooth": "SmoothQuant",
              "smooth-search": "SmoothQuant, alpha searched",
              "rotate": "rotation (QuaRot-style)", "smoothrot": "smooth-then-rotate",
              "smoothrot-search": "smooth-then-rotate, alpha searched"}
-    for method in ("rtn", "gptq"):
+    for method in METHODS:
         for t, label in names.items():
             vals = [get(t, method, s) for s in SETTINGS]
             if any(v is not None for v in vals):
-                md.append(f"| {label} | {method.upper()} | "
+                md.append(f"| {label} | {METHOD_NAMES[method]} | "
                           + " | ".join(_fmt(v) for v in vals) + " |")
     md.append("")
     if float_ppl:
         md += ["Targets:", ""]
-        for method in ("rtn", "gptq"):
+        for method in METHODS:
             rot, hyb = get("rotate", method, "W4A4"), get("smoothrot", method, "W4A4")
             hs = get("smoothrot-search", method, "W4A4")
             if rot and hyb:
                 gap = rot - float_ppl
                 best = min(x for x in (hyb, hs) if x)
-                md.append(f"- W4A4 {method.upper()}: smooth-then-rotate closes "
+                md.append(f"- W4A4 {METHOD_NAMES[method]}: smooth-then-rotate closes "
                           f"{100 * (rot - hyb) / gap:.1f}% (alpha 0.5)"
                           + (f", {100 * (rot - hs) / gap:.1f}% (alpha searched)" if hs else "")
                           + f" of rotation's gap to float ({_fmt(rot)} -> {_fmt(best)}; "
                           "target >= 10%).")
-            for t in ("smooth", "smooth-search"):
+            for t in ("smooth", "smooth-search", "smoothrot", "smoothrot-search"):
                 sm = get(t, method, "W8A8")
                 if sm:
-                    md.append(f"- W8A8 {method.upper()} with {names[t]}: {_fmt(sm)}, "
+                    md.append(f"- W8A8 {METHOD_NAMES[method]} with {names[t]}: {_fmt(sm)}, "
                               f"{100 * (sm / float_ppl - 1):+.2f}% from float "
                               "(target within 1%).")
         md.append("")
