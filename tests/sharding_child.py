@@ -85,8 +85,11 @@ def main() -> None:
         host &= all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(w))
         if is_quantized(w):
             a, b = np.asarray(w.dequantize()), np.asarray(flat_q[path].dequantize())
+            ref = np.asarray(flatten(params)[path], np.float32)
             diffs[path] = {"kind": kind(w), "maxdiff": float(np.abs(a - b).max()),
-                           "mismatch": float(np.mean(a != b))}
+                           "mismatch": float(np.mean(a != b)),
+                           "err": float(np.linalg.norm(a - ref) / np.linalg.norm(ref)),
+                           "err_single": float(np.linalg.norm(b - ref) / np.linalg.norm(ref))}
     out["calibration"] = {"diffs": diffs, "on_host": bool(host), "memory": memory,
                           "block_bytes": int(sum(np.asarray(v).nbytes for v in flatten(
                               params["layers"][0]).values()))}
