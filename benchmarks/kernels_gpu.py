@@ -114,7 +114,9 @@ def write(out: Path, meta: dict, checks: list, rows: list, kind: str, echo: bool
              f"Measured in the same run: copy {meta['copy_gbps']:.0f} GB/s (read + write), "
              f"bf16 8192^3 matmul {meta['bf16_tflops']:.0f} TFLOP/s. Times: CUPTI device time "
              "of the whole call (kernel + split-K sum), median of 10, weight sets rotated past L2. "
-             "Widths 1..3 are held in the 4-bit container for now (they move 4-bit bytes). "
+             "Widths 1..3 are stored in bit planes (bits/8 bytes a code) and unpacked in "
+             "registers by the decode kernel; the wide kernel reads them unpacked to the int4 "
+             "container by XLA per call. "
              "Kernel: `decode` (pallas_kernels/gpu/uniform.py, tiles tm/split/steps) up to "
              f"M = {gu.DECODE_M}, `wide` (uniform_wide.py, tiles tt/tk/split/steps) above. "
              "qwix: "
@@ -177,14 +179,13 @@ def main() -> None:
                 t_q = device_us(gu.uniform_matmul, [(x, g) for g in gws])
                 t_qwix = device_us(qx[1], [(x, q) for q in qws]) if qws else None
                 g = gws[0]
-                byts = (g.codes.size * (4 if bits <= 4 else 8) / 8 + 2 * g.scales.nbytes
-                        + 2 * m * k + 2 * m * n)
+                byts = g.code_bytes + 2 * g.scales.nbytes + 2 * m * k + 2 * m * n
                 bw = byts / t_q / 1e3
                 row = dict(n=n, k=k, bits=bits, m=m, us=t_q, bf16_us=t_bf16, jnp_us=t_jnp,
                            gbps=bw, copy_frac=bw / meta["copy_gbps"],
                            speedup_bf16=t_bf16 / t_q, speedup_jnp=t_jnp / t_q,
                            qwix_us=t_qwix, speedup_qwix=t_qwix / t_q if t_qwix else None,
-                           tiles=kernel_tiles(m, g), stored_bits=bits if bits > 4 else 4)
+                           tiles=kernel_tiles(m, g), stored_bits=g.container)
                 rows.append(row)
                 print(f"{n}x{k} {bits}-bit M={m}: {t_q:.1f} us ({bw:.0f} GB/s, "
                       f"{row['copy_frac']:.0%} of copy) bf16 {t_bf16:.1f} us "

@@ -30,13 +30,43 @@ def test_relayout_round_trips_every_width_and_grouping(bits):
         np.testing.assert_allclose(got, want, rtol=0, atol=2 ** -7 * np.abs(want).max())
         n_pad, k_pad = gw.padded
         assert n_pad % gu.N_ALIGN == 0 and k_pad % (gw.tk * gw.max_split) == 0
-        assert gw.codes.dtype == (jnp.int4 if bits <= 4 else jnp.int8)
-        codes = np.asarray(gw.codes.astype(jnp.int32))
-        assert codes.min() >= -(2 ** (bits - 1)) and codes.max() < 2 ** (bits - 1)
+        # widths 1..3 in bit planes (bits/8 bytes a code), 4..8 in int4/int8 containers
+        assert gw.code_bytes == n_pad * k_pad * (bits if bits < 4 else 4 if bits == 4
+                                                 else 8) // 8
+        assert gw.codes.dtype == (jnp.uint8 if bits < 4 else jnp.int4 if bits == 4
+                                  else jnp.int8)
+        assert (gw.codes_hi is not None) == (bits == 3)
+        values = np.asarray(gw.values().astype(jnp.int32))
+        assert values.shape == (n_pad, k_pad)
+        np.testing.assert_array_equal(  # the codes themselves are exact
+            values[:131, :300] + gw.offset, np.asarray(w.codes(), np.int32))
         # the padding contributes nothing: zero scales and biases past K and N
         assert not np.asarray(gw.scales, np.float32)[:, 131:].any()
         assert not np.asarray(gw.bias, np.float32)[-(-300 // gw.kg):, :].any()
-        assert not np.asarray(gw.codes.astype(jnp.int32))[:, 300:].any()
+        assert not values[:, 300:].any()
+        # what the wide kernel reads: the same codes in the int4/int8 container
+        codes, bias = gw.container_codes()
+        container = np.asarray(codes.astype(jnp.int32))
+        np.testing.assert_array_equal(container[:131, :300] + 2 ** (bits - 1),
+                                      np.asarray(w.codes(), np.int32))
+        back = (np.repeat(np.asarray(gw.scales, np.float32).T, gw.kg, 1) * container
+                + np.repeat(np.asarray(bias, np.float32).T, gw.kg, 1))
+        np.testing.assert_allclose(back[:131, :300], want, rtol=0,
+                                   atol=2 ** -7 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_bit_planes_pack_and_unpack_exactly(width):
+    rng = np.random.default_rng(_seed("planes", width))
+    per = 8 // width
+    v = rng.integers(0, 2 ** width, (5, 3 * per * gu.PLANE_UNIT))
+    plane = gu.pack_plane(v, width)
+    assert plane.dtype == np.uint8 and plane.shape == (5, v.shape[1] * width // 8)
+    np.testing.assert_array_equal(np.asarray(gu.unpack_plane(jnp.asarray(plane), width)), v)
+    # layout: column c of a run sits in field (c // 64) % per of byte c % 64 of its block
+    c = 2 * gu.PLANE_UNIT + 5  # third field of the first run
+    byte = plane[:, 5]
+    np.testing.assert_array_equal((byte >> (width * 2)) & (2 ** width - 1), v[:, c])
 
 
 def test_ineligible_weights_say_why():
@@ -53,6 +83,9 @@ def test_ineligible_weights_say_why():
     (3, 64, True, (3, 5), jnp.float32),  # 15 rows: tm 16, 64-column kernel groups
     (8, None, False, (20,), jnp.bfloat16),  # int8 codes, per channel, tm 64
     (2, 128, False, (130,), jnp.float32),  # wide kernel: 2 M tiles of 128, split-K
+    (2, 128, False, (5,), jnp.float32),  # 2-bit plane, decode kernel
+    (1, 64, False, (2, 4), jnp.float32),  # 1-bit plane, 64-column kernel groups
+    (3, 128, False, (1,), jnp.bfloat16),  # 2-bit + 1-bit planes, split-K
     (4, 64, False, (2, 520), jnp.float32),  # wide kernel, prefill: M tiles of 256
 ])
 def test_uniform_kernel_matches_reference_interpreted(bits, group_size, symmetric, lead, dtype):
@@ -122,7 +155,7 @@ def test_wide_tiles_fill_the_sms_and_fit_the_layout():
 
 @pytest.mark.parametrize("bits,group_size,m", [
     (4, 128, 1), (4, 128, 16), (4, None, 64), (4, 64, 2048), (8, 128, 1), (2, 128, 512),
-    (4, 128, 100),
+    (4, 128, 100), (2, 128, 1), (3, 128, 16), (1, 64, 4), (3, None, 64),
 ])
 def test_uniform_kernel_lowers_for_cuda(bits, group_size, m):
     """The compiled paths (A operand from registers, transposed activation view and

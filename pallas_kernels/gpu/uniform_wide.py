@@ -1,5 +1,7 @@
 """Mosaic GPU kernel (Hopper) for wide activations (mid batches and prefill, M > 64):
-``y = x W^T`` for a uniform weight in the :mod:`pallas_kernels.gpu.uniform` layout.
+``y = x W^T`` for a uniform weight in the :mod:`pallas_kernels.gpu.uniform` layout
+(widths 1..3, stored there in bit planes, arrive unpacked to the int4 container by XLA:
+``GpuUniformWeight.container_codes``).
 
 Computes ``y[m, n] = sum_k x[m, k] (codes[n, k] s[n, g(k)] + bias[n, g(k)])`` on the tensor
 cores, with the weight dequantized in registers (one bf16 FMA a weight) as wgmma's A
