@@ -86,7 +86,8 @@ def main() -> None:
         if is_quantized(w):
             a, b = np.asarray(w.dequantize()), np.asarray(flat_q[path].dequantize())
             ref = np.asarray(flatten(params)[path], np.float32)
-            diffs[path] = {"kind": kind(w), "maxdiff": float(np.abs(a - b).max()),
+            diffs[path] = {"kind": kind(w), "method": specs[path].method,
+                           "maxdiff": float(np.abs(a - b).max()),
                            "mismatch": float(np.mean(a != b)),
                            "err": float(np.linalg.norm(a - ref) / np.linalg.norm(ref)),
                            "err_single": float(np.linalg.norm(b - ref) / np.linalg.norm(ref))}

@@ -83,14 +83,15 @@ def test_ineligible_weights_say_why():
     (3, 64, True, (3, 5), jnp.float32),  # 15 rows: tm 16, 64-column kernel groups
     (8, None, False, (20,), jnp.bfloat16),  # int8 codes, per channel, tm 64
     (2, 128, False, (130,), jnp.float32),  # wide kernel: 2 M tiles of 128, split-K
-    (2, 128, False, (5,), jnp.float32),  # 2-bit plane, decode kernel
+    (2, 128, True, (5,), jnp.float32),  # 2-bit plane (symmetric), decode kernel
     (1, 64, False, (2, 4), jnp.float32),  # 1-bit plane, 64-column kernel groups
     (3, 128, False, (1,), jnp.bfloat16),  # 2-bit + 1-bit planes, split-K
     (4, 64, False, (2, 520), jnp.float32),  # wide kernel, prefill: M tiles of 256
 ])
 def test_uniform_kernel_matches_reference_interpreted(bits, group_size, symmetric, lead, dtype):
     rng = np.random.default_rng(_seed("gpu kernel", bits, group_size, lead))
-    n, k = 130, 2304 if lead == (1,) else 576  # 2304: 9 K tiles padded to 10, split 2
+    n, k = 130, 2304 if lead == (1,) else 576  # 2304: 4-bit: 9 tiles of 256 padded to 10,
+    # split 2; 3-bit planes: 5 tiles of 512 (split 1 pads least)
     w = _weight(rng, n, k, bits, group_size, symmetric)
     gw = gu.relayout(w)
     x = jnp.asarray(rng.normal(size=(*lead, k)), dtype)

@@ -196,12 +196,15 @@ def test_sharded_streaming_calibration_gives_the_same_weights(eight):
     assert eight["hessian_all_reduce"]  # X^T X summed over the data axis inside the jit
     assert cal["on_host"]  # layer streaming: finished layers moved to the host
     for path, d in cal["diffs"].items():
-        if not path.startswith("layers.0."):
+        if d["method"] == "rtn":  # no calibration data: the same codes in every block
+            assert d["mismatch"] == 0, (path, d)
+        elif not path.startswith("layers.0."):
             # Later blocks see inputs through quantized block 0, where a few codebook
             # codes may differ (below); GPTQ's act-order and K-Means amplify that into
-            # other codes, so the quantization must be as good, not bit-identical.
+            # other codes, so the quantization must be as good, not bit-identical (the
+            # all-reduced Hessians themselves are checked exactly in block 0).
             assert abs(d["err"] - d["err_single"]) <= 0.05 * d["err_single"], (path, d)
-        elif d["kind"] in ("uniform", "mixed(uniform)"):  # GPTQ / RTN: the same codes
+        elif d["kind"] in ("uniform", "mixed(uniform)"):  # GPTQ: the same codes
             assert d["mismatch"] <= 1e-3, (path, d)
         else:  # K-Means centroids move by float rounding; a few weights change code
             assert d["mismatch"] <= 0.02 and d["maxdiff"] <= 1e-3, (path, d)

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import math
+import string
 from typing import NamedTuple
 
 import jax
@@ -486,7 +487,7 @@ def _apply(y: jax.Array, h: np.ndarray, axis: int, scale: float) -> jax.Array:
     hm = jnp.asarray(h, dtype=y.dtype)
     kw = dict(precision=jax.lax.Precision.HIGHEST if exact else None,
               preferred_element_type=None if exact else jnp.float32)
-    letters = "abcdefghimnopqrstuvwxyz"[:y.ndim]
+    letters = "".join(c for c in string.ascii_letters if c not in "jk")[:y.ndim]
     src = letters.replace(letters[axis], "k")
     dst = letters.replace(letters[axis], "j")
     if axis % y.ndim == y.ndim - 1:

@@ -201,8 +201,7 @@ def relayout(w: UniformWeight, *, tk: int | None = None) -> GpuUniformWeight:
       w: The weight (:func:`eligible` must hold).
       tk: Columns per K tile (a multiple of the kernel group, and of
         :func:`plane_run` for widths 1..3); default 256, or 128 for ``K < 2048``; for
-        bit planes 512, or one plane run (256 for 2 bits, 512 for 1 and 3) for
-        ``K < 2048``.
+        bit planes one plane run (256 for 2 bits, 512 for 1 and 3).
 
     Raises:
       ValueError: An ineligible weight.
@@ -214,13 +213,19 @@ def relayout(w: UniformWeight, *, tk: int | None = None) -> GpuUniformWeight:
     kg = KG_MAX if w.group_size >= k else math.gcd(w.group_size, KG_MAX)
     widths = PLANES.get(w.bits, ())
     if tk is None and widths:
-        tk = 512 if k >= 2048 else plane_run(widths)
+        tk = plane_run(widths)
     tk = tk or (256 if k >= 2048 else 128)
     if tk % kg or (widths and tk % plane_run(widths)):
         raise ValueError(f"tk={tk} is not a multiple of the kernel group {kg}"
                          + (f" and of the bit planes' run {plane_run(widths)}" if widths else ""))
     steps = -(-k // tk)
-    max_split = 4 if steps >= 16 else 2 if steps >= 4 else 1
+    # split-K for decode: 4 from 16 K tiles, 2 from 4; with bit planes' wider K tiles
+    # the largest split that pads K at most k/32 more than the least padding does
+    # (K_pad is a multiple of tk * max_split)
+    splits = [sp for sp in (4, 2, 1) if steps >= sp * sp]
+    least = min(round_up(k, tk * sp) for sp in splits)
+    max_split = next(sp for sp in splits
+                     if not widths or round_up(k, tk * sp) <= least + k // 32)
     n_pad, k_pad = round_up(n, N_ALIGN), round_up(k, tk * max_split)
     half = 0 if widths else 2 ** (w.bits - 1)  # the codes' offset (GpuUniformWeight.offset)
     codes = np.zeros((n_pad, k_pad), np.int16)
