@@ -45,6 +45,14 @@ def kernels_enabled() -> bool:
     return os.environ.get("JAXQUANT_KERNELS", "1").strip().lower() not in ("0", "false", "no")
 
 
+def gpu_int8_enabled() -> bool:
+    """True when ``JAXQUANT_GPU_INT8=1``: W8A8 on CUDA takes the Mosaic GPU int8 kernel
+    (:mod:`pallas_kernels.gpu.int8`) instead of the float32 dot of the codes. Opt-in
+    until the kernel has been checked on a GPU (it is verified by the interpreter and
+    by lowering for CUDA only; ``python -m pallas_kernels.gpu.int8`` checks it there)."""
+    return kernels_enabled() and os.environ.get("JAXQUANT_GPU_INT8", "0").strip() == "1"
+
+
 def prepare(params: Params, cfg: ModelConfig | None = None, *, backend: str | None = None,
             kernels: bool = True) -> Params:
     """``params`` with each kernel-eligible quantized weight in its kernel's layout.

@@ -197,3 +197,55 @@ def test_prepared_model_runs_the_gpu_kernel_in_the_forward():
     got = np.asarray(fwd(gq, cfg, tokens))  # interpreted Mosaic GPU kernels on CPU
     assert np.abs(got - want).max() < 3e-2 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+
+
+# --- W8A8: int8 x int8 -> int32 wgmma ----------------------------------------------------
+
+@pytest.mark.parametrize("lead,n,k", [((1,), 128, 512), ((3, 5), 192, 576), ((70,), 64, 256)])
+def test_int8_kernel_is_exact_interpreted(lead, n, k):
+    from pallas_kernels.gpu import int8 as g8
+
+    rng = np.random.default_rng(_seed("gpu int8", lead, n, k))
+    xq = jnp.asarray(rng.integers(-127, 128, (*lead, k)), jnp.int8)
+    wq = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+    ones_x, ones_w = jnp.ones((*lead, 1), jnp.float32), jnp.ones((n,), jnp.float32)
+    sums = np.asarray(g8.int8_matmul(xq, ones_x, wq, ones_w, interpret=True))
+    want = np.asarray(xq, np.int64) @ np.asarray(wq, np.int64).T
+    np.testing.assert_array_equal(sums, want)  # int32 accumulation: exact
+    xs = jnp.asarray(rng.uniform(0.5, 2.0, (*lead, 1)), jnp.float32)
+    ws = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    y = g8.int8_matmul(xq, xs, wq, ws, interpret=True)
+    assert y.shape == (*lead, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), g8.reference(xq, xs, wq, ws), rtol=1e-6)
+
+
+def test_int8_kernel_eligibility_lowering_and_opt_in_routing(monkeypatch):
+    from jaxquant.algorithms.act_quant import int8_matmul
+    from pallas_kernels.gpu import int8 as g8
+
+    assert "multiple of 64" in g8.eligible(200, 576) and g8.eligible(576, 1536) is None
+    with pytest.raises(ValueError, match="cannot take"):
+        g8.int8_matmul(jnp.zeros((1, 576), jnp.int8), jnp.ones((1, 1)),
+                       jnp.zeros((200, 576), jnp.int8), jnp.ones(200))
+
+    def args(m, n=11008, k=4096):
+        return (jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m, 1), jnp.float32),
+                jax.ShapeDtypeStruct((n, k), jnp.int8), jax.ShapeDtypeStruct((n,), jnp.float32))
+
+    for m in (1, 16, 2048):  # the compiled path (transposed activation view) for CUDA
+        tm, tk, split, steps = g8.tiles_for(m, 4096, 4096)  # 64 row tiles of 64
+        assert tm >= min(m, 8) and tk == 128 and 2 <= steps <= 4
+        assert split == (4 if m <= 16 else 1)
+        assert g8.tiles_for(m, 11008, 4096)[2] == 1  # 172 row tiles fill the SMs already
+        assert "mosaic_gpu" in jax.jit(g8.int8_matmul).trace(*args(m)).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    def cuda_text(m, **kw):
+        jax.clear_caches()  # the switch is read at trace time
+        return int8_matmul.trace(*args(m, **kw)).lower(lowering_platforms=("cuda",)).as_text()
+
+    monkeypatch.setenv("JAXQUANT_GPU_INT8", "1")  # opted in: act_quant routes to it ...
+    assert "mosaic_gpu" in cuda_text(4)
+    assert "mosaic_gpu" not in cuda_text(4, n=200, k=576)  # ... where the weight fits
+    monkeypatch.setenv("JAXQUANT_GPU_INT8", "0")  # the default: float32 dot of the codes
+    assert "mosaic_gpu" not in cuda_text(4)

@@ -280,7 +280,15 @@ def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
 
     def float_dot(a: jax.Array, b: jax.Array) -> jax.Array:
         # CUDA: the int8 GEMM XLA emits (JAX 0.11.2, H100) returned wrong rows inside a
-        # model (isolated dots were exact), so the same codes go through float32 there.
+        # model (isolated dots were exact), so the same codes go through float32 there,
+        # or, opted in (JAXQUANT_GPU_INT8=1), through the Mosaic GPU int8 kernel (unit
+        # scales: the exact int32 sums as float32, like int_dot).
+        from jaxquant.backends import gpu_int8_enabled
+        from pallas_kernels.gpu import int8 as gpu_int8
+
+        if gpu_int8_enabled() and gpu_int8.eligible(*b.shape) is None:
+            ones = jnp.ones((*a.shape[:-1], 1), jnp.float32)
+            return gpu_int8.int8_matmul(a, ones, b, jnp.ones((b.shape[0],), jnp.float32))
         return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims,
                                    precision=_HI)
 
