@@ -49,8 +49,10 @@ def gpu_int8_enabled() -> bool:
     """True when ``JAXQUANT_GPU_INT8=1``: W8A8 on CUDA takes the Mosaic GPU int8 kernel
     (:mod:`pallas_kernels.gpu.int8`) instead of the float32 dot of the codes. Opt-in
     until the kernel has been checked on a GPU (it is verified by the interpreter and
-    by lowering for CUDA only; ``python -m pallas_kernels.gpu.int8`` checks it there)."""
-    return kernels_enabled() and os.environ.get("JAXQUANT_GPU_INT8", "0").strip() == "1"
+    by lowering for CUDA only; ``python -m pallas_kernels.gpu.int8`` checks it there).
+    Read when a forward is traced: set it before the first call."""
+    flag = os.environ.get("JAXQUANT_GPU_INT8", "0").strip().lower()
+    return kernels_enabled() and flag in ("1", "true", "yes")
 
 
 def prepare(params: Params, cfg: ModelConfig | None = None, *, backend: str | None = None,

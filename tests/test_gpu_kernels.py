@@ -227,6 +227,12 @@ def test_int8_kernel_eligibility_lowering_and_opt_in_routing(monkeypatch):
     with pytest.raises(ValueError, match="cannot take"):
         g8.int8_matmul(jnp.zeros((1, 576), jnp.int8), jnp.ones((1, 1)),
                        jnp.zeros((200, 576), jnp.int8), jnp.ones(200))
+    ok = (jnp.zeros((2, 576), jnp.int8), jnp.ones(()), jnp.zeros((64, 576), jnp.int8),
+          jnp.ones(64))
+    for bad in ((8, 64, 2, 2), (40, 64, 1, 2), (8, 128, 1, 2)):  # 9 tiles; N 40; 576 % 128
+        with pytest.raises(ValueError, match="do not fit"):
+            g8.int8_matmul(*ok, tiles=bad, interpret=True)
+    assert g8.int8_matmul(*ok, interpret=True).shape == (2, 64)  # a scalar x scale
 
     def args(m, n=11008, k=4096):
         return (jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m, 1), jnp.float32),

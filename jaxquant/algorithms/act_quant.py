@@ -255,7 +255,8 @@ def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
     hardware that has one), then a float32 rescale. On TPU the Pallas int8 MXU kernel
     (:mod:`pallas_kernels.tpu.int8`) computes it where the weight is whole 128-tiles. On
     CUDA the codes are multiplied in float32 instead (exact while the sums stay below
-    2**24), see the comment inside.
+    2**24), see the comment inside, or with ``JAXQUANT_GPU_INT8=1`` (opt-in, read at
+    trace time) by the Mosaic GPU int8 kernel (:mod:`pallas_kernels.gpu.int8`).
     The int32 sum cannot overflow for ``in < 2**31 / 127**2 = 133,144`` channels
     (narrow-range codes). Symmetric codes only:
     asymmetric activations would need the zero-point term ``- z_x sum_k qw[o, k]``.

@@ -129,13 +129,19 @@ def int8_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
     lead = x_codes.shape[:-1]
     m = math.prod(lead)
     tm, tk, split, steps = tiles or tiles_for(m, n, k)
+    if (k % tk or tk % 64 or (k // tk) % split or steps < 1
+            or not (tm in (8, 16, 24) or (tm % 16 == 0 and 32 <= tm <= 256))):
+        raise ValueError(f"int8 tiles {(tm, tk, split, steps)} do not fit K={k} (tk a "
+                         "multiple of 64 dividing K into a multiple of split tiles; tm an "
+                         "int8 wgmma N: 8, 16, 24 or a multiple of 16 up to 256)")
     m_pad = round_up(max(m, 1), tm)
     x2 = jnp.pad(x_codes.reshape(m, k), ((0, m_pad - m), (0, 0)))
     interp = gpu_interpret(interpret)
     kernel = _kernel(m_pad, n, k, tm=tm, tk=tk, split=split, steps=steps, interpret=interp)
     acc = kernel(x2.T if interp else x2, w_codes).sum(0)[:, :m].T  # [m, n] int32
-    xs = jnp.asarray(x_scale, jnp.float32).reshape(m, 1)
-    ws = jnp.asarray(w_scale, jnp.float32).reshape(1, n)
+    xs = jnp.broadcast_to(jnp.asarray(x_scale, jnp.float32).reshape(-1, 1)
+                          if jnp.ndim(x_scale) else x_scale, (m, 1))
+    ws = jnp.broadcast_to(jnp.asarray(w_scale, jnp.float32).reshape(1, -1), (1, n))
     return (acc.astype(jnp.float32) * xs * ws).reshape(*lead, n)
 
 
