@@ -31,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.compat import gpu_interpret, pl, plgpu
+from pallas_kernels.gpu.uniform import TN, store_partial
 from pallas_kernels.util import round_up
 
-#: Weight rows per program (one warpgroup's wgmma M).
-TN = 64
 #: Shared memory the pipeline may take (bytes).
 SMEM_BUDGET = 200 * 1024
 
@@ -88,14 +87,7 @@ def _kernel(m_pad: int, n: int, k: int, *, tm: int, tk: int, split: int, steps: 
             return acc_ref[...]
 
         acc = pl.run_scoped(scope, plgpu.ACC((TN, tm), jnp.int32))
-
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((TN, tm), jnp.int32))
-        def _store(o_smem):
-            o_smem[...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                o_smem, o_gmem.at[si, pl.ds(ni * TN, TN), pl.ds(mi * tm, tm)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        store_partial(acc, o_gmem.at[si, pl.ds(ni * TN, TN), pl.ds(mi * tm, tm)])
 
     return plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((split, n, m_pad), jnp.int32),

@@ -304,6 +304,17 @@ def plane_values(planes: list[Any], widths: tuple[int, ...], j: int) -> jax.Arra
     return value
 
 
+def store_partial(acc: jax.Array, dst: Any) -> None:
+    """Stores a program's ``[TN, tm]`` accumulator (its split-K partial) to the ``dst``
+    view of global memory through shared memory (TMA), and waits for the copy."""
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM(acc.shape, acc.dtype))
+    def _store(o_smem):
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, dst)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 @functools.cache
 def _kernel(m_pad: int, n_pad: int, k_pad: int, *, tm: int, tk: int, kg: int, split: int,
             steps: int, widths: tuple[int, ...], interpret: Any) -> Any:
@@ -354,14 +365,7 @@ def _kernel(m_pad: int, n_pad: int, k_pad: int, *, tm: int, tk: int, kg: int, sp
             return acc_ref[...]
 
         acc = pl.run_scoped(scope, plgpu.ACC((TN, tm), jnp.float32))
-
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((TN, tm), jnp.float32))
-        def _store(o_smem):
-            o_smem[...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                o_smem, o_gmem.at[si, pl.ds(ni * TN, TN), pl.ds(mi * tm, tm)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        store_partial(acc, o_gmem.at[si, pl.ds(ni * TN, TN), pl.ds(mi * tm, tm)])
 
     return plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((split, n_pad, m_pad), jnp.float32),
